@@ -1,0 +1,124 @@
+"""Backbone checkpoints: one file holding the ``state_dict`` and a JSON-like ``meta`` dict.
+
+The file is ``torch.save({"format": "ood-sweep-checkpoint", "version": 1, "state_dict": ...,
+"meta": ...})`` written atomically through :func:`ood_core.storage.atomic_output` (local
+path or any ``pyarrow.fs`` URI). :func:`save_checkpoint` returns the sha256 of the bytes
+written, which callers record (content addressing, cache keys) and pass back to
+:func:`load_checkpoint` to verify the file. Loading uses ``torch.load(weights_only=True)``
+so a checkpoint cannot run code. Every problem a user can cause (missing file, corrupt or
+foreign file, hash mismatch, checkpoint of another architecture) raises
+:class:`CheckpointError` with a message naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ood_core import storage
+
+FORMAT = "ood-sweep-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable, corrupt, or does not fit the model."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _cpu_state(model: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def checkpoint_bytes(model: Union[nn.Module, Mapping[str, torch.Tensor]], meta: Dict[str, Any]) -> bytes:
+    """The exact bytes :func:`save_checkpoint` writes (deterministic for equal inputs)."""
+    try:
+        json.dumps(meta, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint meta must be JSON-like (dict of str, numbers, lists, dicts): {exc}") from None
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, "state_dict": _cpu_state(model), "meta": dict(meta)}, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(uri: str, model: Union[nn.Module, Mapping[str, torch.Tensor]], meta: Dict[str, Any]) -> str:
+    """Write ``model``'s state dict (on CPU) and ``meta`` to ``uri`` atomically; return the
+    sha256 hex digest of the file's bytes."""
+    data = checkpoint_bytes(model, meta)
+    with storage.atomic_output(uri) as out:
+        out.write(data)
+    return sha256_bytes(data)
+
+
+def _read(uri: str) -> bytes:
+    try:
+        if not storage.exists(uri):
+            raise CheckpointError(f"checkpoint not found: {uri}")
+        fs, path = storage.resolve(uri)
+        with fs.open_input_stream(path) as f:
+            return f.readall()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # pyarrow raises OSError / ArrowException subclasses
+        raise CheckpointError(f"cannot read checkpoint {uri}: {exc}") from exc
+
+
+def load_checkpoint(uri: str, expected_sha256: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`; return ``(state_dict, meta)``
+    with all tensors on CPU. With ``expected_sha256`` the file's bytes must hash to it."""
+    data = _read(uri)
+    if expected_sha256 is not None:
+        actual = sha256_bytes(data)
+        if actual != expected_sha256.lower():
+            raise CheckpointError(f"checkpoint {uri} has sha256 {actual}, expected {expected_sha256} "
+                                  "(the file changed since it was recorded)")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {uri} is corrupt or not a torch file: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{uri} is not an ood-sweep checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {uri} has format version {payload.get('version')}, "
+                              f"this ood-sweep reads version {VERSION}")
+    state, meta = payload.get("state_dict"), payload.get("meta")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()) \
+            or not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {uri} is malformed (state_dict / meta missing)")
+    return state, meta
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> nn.Module:
+    """Load ``state_dict`` into ``model`` strictly; raise :class:`CheckpointError` listing
+    missing / unexpected keys and shape mismatches (``source`` names the file in messages)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def few(items):
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {few(shapes)}")
+        raise CheckpointError(f"{source} does not fit {type(model).__name__} "
+                              f"(wrong architecture or parameters?): " + "; ".join(parts))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {exc}") from exc
+    return model

@@ -1,0 +1,120 @@
+"""Logit-based detectors: maximum softmax probability, maximum logit, energy.
+
+All three need no fitting and score a batch of logits ``(N, C)``; higher = more OOD.
+They run on the device and in the dtype of their input.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ..api import LogitsDetector, check_input
+
+
+def _positive(detector: str, name: str, value) -> float:
+    value = float(value)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{detector}: {name} must be a positive finite number, got {value!r}")
+    return value
+
+
+class MaxSoftmax(LogitsDetector):
+    r"""Maximum softmax probability (MSP), optionally temperature-scaled.
+
+    .. math:: s(x) = -\max_y \operatorname{softmax}(f(x) / T)_y
+
+    computed stably as :math:`-\exp(\max_y f_y/T - \operatorname{logsumexp}(f/T))`.
+
+    Paper: Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and
+    Out-of-Distribution Examples in Neural Networks", ICLR 2017 (arXiv:1610.02136).
+    Temperature scaling as in ODIN (Liang et al., ICLR 2018).
+
+    :param model: optional callable returning logits (for ``predict(x)``)
+    :param t: temperature :math:`T > 0`
+    """
+
+    requires_fit: ClassVar[bool] = False
+    default_search_space: ClassVar[Dict[str, Any]] = {"t": {"grid": [1, 2, 5, 10, 100, 1000]}}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, t: float = 1.0):
+        super().__init__(model)
+        self.t = _positive("MaxSoftmax", "t", t)
+
+    @staticmethod
+    def score(logits: Tensor, t: float = 1.0) -> Tensor:
+        """Negative maximum softmax probability of ``logits / t`` (``(N, C)`` -> ``(N,)``)."""
+        scaled = logits / t
+        return -torch.exp(scaled.max(dim=1).values - torch.logsumexp(scaled, dim=1))
+
+    @torch.no_grad()
+    def predict_logits(self, logits: Tensor) -> Tensor:
+        logits = check_input(self, logits, ndim=2, name="logits")
+        return self.score(logits, self.t)
+
+
+class MaxLogit(LogitsDetector):
+    r"""Maximum logit.
+
+    .. math:: s(x) = -\max_y f_y(x)
+
+    Paper: Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings",
+    ICML 2022 (arXiv:1911.11132).
+
+    :param model: optional callable returning logits (for ``predict(x)``)
+    """
+
+    requires_fit: ClassVar[bool] = False
+    default_search_space: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None):
+        super().__init__(model)
+
+    @staticmethod
+    def score(logits: Tensor) -> Tensor:
+        """Negative maximum logit (``(N, C)`` -> ``(N,)``)."""
+        return -logits.max(dim=1).values
+
+    @torch.no_grad()
+    def predict_logits(self, logits: Tensor) -> Tensor:
+        logits = check_input(self, logits, ndim=2, name="logits")
+        return self.score(logits)
+
+
+class EnergyBased(LogitsDetector):
+    r"""Energy score (free energy of the logits).
+
+    .. math:: s(x) = E(x) = -T \log \sum_i e^{f_i(x) / T}
+
+    Paper: Liu et al., "Energy-based Out-of-distribution Detection", NeurIPS 2020
+    (arXiv:2010.03759).
+
+    :param model: optional callable returning logits (for ``predict(x)``)
+    :param t: temperature :math:`T > 0`
+    """
+
+    requires_fit: ClassVar[bool] = False
+    default_search_space: ClassVar[Dict[str, Any]] = {"t": {"grid": [0.5, 1, 2, 5]}}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, t: float = 1.0):
+        super().__init__(model)
+        self.t = _positive("EnergyBased", "t", t)
+
+    @staticmethod
+    def score(logits: Tensor, t: float = 1.0) -> Tensor:
+        """Energy ``-t * logsumexp(logits / t)`` (``(N, C)`` -> ``(N,)``)."""
+        return -t * torch.logsumexp(logits / t, dim=1)
+
+    @torch.no_grad()
+    def predict_logits(self, logits: Tensor) -> Tensor:
+        logits = check_input(self, logits, ndim=2, name="logits")
+        return self.score(logits, self.t)
+
+
+#: scoring functions on logits used by ReAct (and anything else that scores head outputs)
+LOGIT_SCORES: Dict[str, Callable[[Tensor], Tensor]] = {
+    "energy": EnergyBased.score,
+    "msp": MaxSoftmax.score,
+    "maxlogit": MaxLogit.score,
+}

@@ -1,0 +1,134 @@
+"""ReAct: rectified (clipped) penultimate activations, scored through the linear head."""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..api import DetectorError, FeaturesDetector, InvalidInputError
+from .logits import LOGIT_SCORES
+from .mahalanobis import check_features, id_training_set
+
+
+def percentile(x: Tensor, q: float) -> float:
+    """``numpy.percentile(x, q)`` (linear interpolation) of all entries of ``x``, without sorting.
+
+    Uses two ``kthvalue`` calls, so it works for any size (``torch.quantile`` is limited to 2^24
+    entries) and on the device of ``x``.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    pos = (q / 100.0) * (n - 1)
+    lo = int(pos)
+    frac = pos - lo
+    v_lo = float(flat.kthvalue(lo + 1).values)
+    if frac == 0 or lo + 1 >= n:
+        return v_lo
+    v_hi = float(flat.kthvalue(lo + 2).values)
+    return v_lo + (v_hi - v_lo) * frac
+
+
+class ReAct(FeaturesDetector):
+    r"""ReAct: clip penultimate features at :math:`c`, recompute logits, score them.
+
+    .. math::
+        s(x) = S\big(W \min(z, c) + b\big), \qquad
+        S = \text{energy: } -\log\sum_i e^{l_i} \;|\; \text{msp: } -\max_i \operatorname{softmax}(l)_i
+        \;|\; \text{maxlogit: } -\max_i l_i
+
+    The threshold :math:`c` is either the absolute ``threshold`` or the ``percentile``-th
+    percentile (in percent, 0-100) of all ID-train feature activations, computed by ``fit``
+    (the paper and OpenOOD use the 90th percentile of the flattened activations). When neither
+    is given, ``percentile=90``. ``requires_fit`` is an instance attribute: True only when the
+    threshold comes from a percentile.
+
+    Paper: Sun, Guo & Li, "ReAct: Out-of-distribution Detection With Rectified Activations",
+    NeurIPS 2021 (arXiv:2111.12797). Difference to pytorch-ood 0.4.0: there ``percentile`` is a
+    fraction in [0, 1]; here it is in percent, like OpenOOD's search grid.
+
+    :param model: optional callable returning penultimate features (for ``fit``/``predict``)
+    :param head: the classifier, an ``nn.Linear`` or a ``(w (C, D), b (C,))`` tuple
+    :param threshold: absolute clipping threshold :math:`c`
+    :param percentile: percentile of ID-train activations used as :math:`c` (fitted)
+    :param detector: scoring of the clipped logits: ``"energy"``, ``"msp"`` or ``"maxlogit"``
+    """
+
+    requires_fit: bool = True
+    default_search_space: ClassVar[Dict[str, Any]] = {"percentile": {"grid": [85, 90, 95, 99]}}
+
+    def __init__(
+        self,
+        model: Optional[Callable[[Tensor], Tensor]] = None,
+        head: Union[nn.Linear, Tuple[Tensor, Optional[Tensor]], None] = None,
+        threshold: Optional[float] = None,
+        percentile: Optional[float] = None,
+        detector: str = "energy",
+    ):
+        super().__init__(model)
+        if threshold is not None and percentile is not None:
+            raise ValueError("ReAct: give either threshold or percentile, not both")
+        if threshold is None and percentile is None:
+            percentile = 90.0
+        if percentile is not None:
+            percentile = float(percentile)
+            if not 0 <= percentile <= 100:
+                raise ValueError(f"ReAct: percentile must be in [0, 100] (percent), got {percentile!r}")
+        if threshold is not None:
+            threshold = float(threshold)
+            if threshold != threshold:
+                raise ValueError("ReAct: threshold is NaN")
+        key = str(detector).lower()
+        if key not in LOGIT_SCORES:
+            raise ValueError(f"ReAct: detector must be one of {sorted(LOGIT_SCORES)}, got {detector!r}")
+        self.detector = key
+        self.percentile = percentile
+        self.threshold = threshold
+        self.requires_fit = percentile is not None
+        self.w: Optional[Tensor] = None
+        self.b: Optional[Tensor] = None
+        if head is not None:
+            if isinstance(head, nn.Linear):
+                w, b = head.weight, head.bias
+            else:
+                try:
+                    w, b = head
+                except (TypeError, ValueError) as exc:
+                    raise ValueError("ReAct: head must be an nn.Linear or a (w, b) tuple") from exc
+            w = torch.as_tensor(w).detach().float()
+            if w.ndim != 2:
+                raise ValueError(f"ReAct: head weights must have shape (C, D), got {tuple(w.shape)}")
+            b = torch.zeros(w.shape[0], device=w.device) if b is None else torch.as_tensor(b).detach().float()
+            if b.shape != (w.shape[0],):
+                raise ValueError(f"ReAct: head bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+            self.w, self.b = w, b.to(w.device)
+
+    def _require_head(self) -> None:
+        if self.w is None:
+            raise DetectorError("ReAct: needs the classifier head; pass head=nn.Linear or (w, b)")
+
+    @torch.no_grad()
+    def fit_features(self, z: Tensor, y: Tensor) -> "ReAct":
+        if self.percentile is None:  # absolute threshold: nothing to fit
+            self._mark_fitted()
+            return self
+        z, _ = id_training_set(self, z, y)
+        self.threshold = percentile(z.detach(), self.percentile)
+        self._mark_fitted()
+        return self
+
+    def logits(self, z: Tensor) -> Tensor:
+        """Logits of the clipped features ``W min(z, c) + b``."""
+        self._require_head()
+        dtype, device = z.dtype, z.device
+        clipped = z.clamp(max=self.threshold)
+        return clipped @ self.w.to(device=device, dtype=dtype).T + self.b.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        self._require_fit()
+        self._require_head()
+        z = check_features(self, z, self.w.shape[1])
+        if self.threshold is None:  # pragma: no cover - guarded by requires_fit
+            raise InvalidInputError("ReAct: no threshold")
+        return LOGIT_SCORES[self.detector](self.logits(z))

@@ -1,0 +1,169 @@
+"""Detector registry: name -> class, representation, and the glue that feeds cached representations.
+
+``reps`` (a dict of tensors or arrays, one row per sample) holds ``"logits"`` ``(N, C)``,
+``"features"`` ``(N, D)`` penultimate features, and any layer columns. Dispatch by
+:attr:`DetectorSpec.representation`:
+
+=================  =============================================================
+``"logits"``       ``fit_logits(reps["logits"], y)`` / ``predict_logits(reps["logits"])``
+``"features"``     ``fit_features(reps["features"], y)`` / ``predict_features(...)``
+``"feature_maps"`` ``fit_feature_maps(reps["feature_maps"], y)`` / ``predict_feature_maps(...)``
+``"layers"``       ``fit_structured(reps, y)`` / ``predict_structured(reps)`` (the whole dict)
+``"model"``        not scorable from cached representations (model-in-the-loop)
+=================  =============================================================
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..api import Detector
+from .knn import KNN
+from .logits import EnergyBased, MaxLogit, MaxSoftmax
+from .mahalanobis import Mahalanobis
+from .react import ReAct
+from .vim import ViM
+
+REPRESENTATIONS = ("logits", "features", "feature_maps", "layers", "model")
+#: constructor arguments that are wiring, not hyperparameters
+_WIRING = {"self", "model", "head", "w", "b"}
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """How the sweep builds, fits and scores one detector class."""
+
+    name: str
+    cls: type
+    representation: str
+    needs_head: bool = False
+
+    def __post_init__(self):
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"{self.name}: unknown representation {self.representation!r}; one of {REPRESENTATIONS}")
+
+    @property
+    def search_space(self) -> Dict[str, Any]:
+        return dict(self.cls.default_search_space)
+
+
+REGISTRY: Dict[str, DetectorSpec] = {}
+
+
+def register(spec: DetectorSpec) -> DetectorSpec:
+    """Add ``spec`` to :data:`REGISTRY` (names are unique, case-insensitively)."""
+    clash = [k for k in REGISTRY if k.lower() == spec.name.lower() and REGISTRY[k] != spec]
+    if clash:
+        raise ValueError(f"detector {spec.name!r} is already registered")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    DetectorSpec("MaxSoftmax", MaxSoftmax, "logits"),
+    DetectorSpec("MaxLogit", MaxLogit, "logits"),
+    DetectorSpec("EnergyBased", EnergyBased, "logits"),
+    DetectorSpec("Mahalanobis", Mahalanobis, "features"),
+    DetectorSpec("ViM", ViM, "features", needs_head=True),
+    DetectorSpec("KNN", KNN, "features"),
+    DetectorSpec("ReAct", ReAct, "features", needs_head=True),
+):
+    register(_spec)
+
+
+def get_spec(name: str) -> DetectorSpec:
+    """Spec of detector ``name`` (case-insensitive). KeyError listing the known names otherwise."""
+    if isinstance(name, str):
+        if name in REGISTRY:
+            return REGISTRY[name]
+        for key, spec in REGISTRY.items():
+            if key.lower() == name.lower():
+                return spec
+    raise KeyError(f"unknown detector {name!r}; known detectors: {', '.join(sorted(REGISTRY))}")
+
+
+def detector_params(name: str) -> List[str]:
+    """Constructor hyperparameters of detector ``name`` a user may set (no model/head/w/b)."""
+    spec = get_spec(name)
+    sig = inspect.signature(spec.cls.__init__)
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.name not in _WIRING and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def _spec_of(det: Detector) -> DetectorSpec:
+    for spec in REGISTRY.values():
+        if type(det) is spec.cls:
+            return spec
+    for spec in REGISTRY.values():
+        if isinstance(det, spec.cls):
+            return spec
+    raise KeyError(f"{type(det).__name__} is not a registered detector; known: {', '.join(sorted(REGISTRY))}")
+
+
+def build_detector(
+    name: str, params: Optional[Mapping[str, Any]] = None, head: Optional[Tuple[Tensor, Tensor]] = None
+) -> Detector:
+    """Instantiate detector ``name`` with hyperparameters ``params``.
+
+    ``head`` is the classifier ``(w (C, D), b (C,))``; it is passed as ``w=, b=`` or ``head=``
+    to detectors that need it (``needs_head``) and ignored by the others. Unknown parameters
+    raise :class:`TypeError` naming the detector, the parameter and the accepted ones.
+    """
+    spec = get_spec(name)
+    params = dict(params or {})
+    allowed = detector_params(spec.name)
+    unknown = [k for k in params if k not in allowed]
+    if unknown:
+        raise TypeError(
+            f"{spec.name}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+            f"accepted: {', '.join(allowed) if allowed else '(none)'}"
+        )
+    kwargs: Dict[str, Any] = dict(params)
+    if spec.needs_head:
+        if head is None:
+            raise ValueError(f"{spec.name}: needs the classifier head (w, b), but none was given")
+        w, b = head
+        names = inspect.signature(spec.cls.__init__).parameters
+        if "head" in names:
+            kwargs["head"] = (torch.as_tensor(w), None if b is None else torch.as_tensor(b))
+        else:
+            kwargs["w"] = torch.as_tensor(w)
+            kwargs["b"] = None if b is None else torch.as_tensor(b)
+    return spec.cls(**kwargs)
+
+
+def _rep(spec: DetectorSpec, reps: Mapping[str, Any], key: str) -> Tensor:
+    if key not in reps:
+        raise KeyError(f"{spec.name} needs the representation {key!r}; available: {', '.join(sorted(reps))}")
+    value = reps[key]
+    return value if isinstance(value, Tensor) else torch.as_tensor(value)
+
+
+def fit_detector(det: Detector, reps: Mapping[str, Any], labels) -> Detector:
+    """Fit ``det`` on ID-train representations ``reps`` and ``labels`` (no-op fit when not needed)."""
+    spec = _spec_of(det)
+    y = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
+    rep = spec.representation
+    if rep in ("logits", "features", "feature_maps"):
+        return getattr(det, f"fit_{rep}")(_rep(spec, reps, rep), y)
+    if rep == "layers":
+        return det.fit_structured(reps, y)
+    raise ValueError(f"{spec.name} runs the model in the loop; it cannot be fitted on cached representations")
+
+
+def score_detector(det: Detector, reps: Mapping[str, Any]) -> Tensor:
+    """Outlier scores ``(N,)`` (higher = more OOD) of ``det`` on representations ``reps``."""
+    spec = _spec_of(det)
+    rep = spec.representation
+    if rep in ("logits", "features", "feature_maps"):
+        return getattr(det, f"predict_{rep}")(_rep(spec, reps, rep))
+    if rep == "layers":
+        return det.predict_structured(reps)
+    raise ValueError(f"{spec.name} runs the model in the loop; it cannot score cached representations")

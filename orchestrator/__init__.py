@@ -1,0 +1,1 @@
+"""ood-sweep orchestrator: CLI, config schema, planning, Tune search, MLflow tracking, reports."""

@@ -1,0 +1,114 @@
+"""Command line: ``python -m orchestrator {sweep,validate,ui,report} ...``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from orchestrator.errors import UserError
+
+DESCRIPTION = """\
+ood-sweep: compare out-of-distribution detectors for image classifiers.
+
+A sweep file (YAML) names the ID data, the OOD validation and test sets, the backbones to train,
+the layers to extract and the detectors to compare with their search spaces. The network runs
+once per backbone and data set; detectors are fitted and searched on the cached features with
+Ray Tune; every run, table and figure lands in MLflow.
+"""
+
+EPILOG = """\
+examples:
+  python -m orchestrator validate sweeps/quickstart.yaml
+  python -m orchestrator sweep sweeps/quickstart.yaml
+  python -m orchestrator ui sweeps/quickstart.yaml        # then open http://127.0.0.1:5000
+  python -m orchestrator report sweeps/quickstart.yaml
+
+exit codes: 0 ok, 2 a problem with the config, the data or a checkpoint (one line on stderr).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    s = sub.add_parser("sweep", help="run a sweep: train, extract, search, log to MLflow")
+    s.add_argument("config", help="sweep YAML file")
+    v = sub.add_parser("validate", help="check a sweep file without running anything")
+    v.add_argument("config", help="sweep YAML file")
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the sweep's tracking store")
+    u.add_argument("config", nargs="?", help="sweep YAML file (for its tracking_uri); default: MLflow's default")
+    u.add_argument("--port", type=int, default=5000)
+    r = sub.add_parser("report", help="print the results table of the latest finished sweep from MLflow")
+    r.add_argument("config", help="sweep YAML file")
+    return p
+
+
+def _load(path: str):
+    from orchestrator.config import load_config
+
+    cfg = load_config(path)
+    return cfg, Path(path).read_text()
+
+
+def cmd_validate(args) -> int:
+    from orchestrator.plan import make_plan
+
+    cfg, _ = _load(args.config)
+    plan = make_plan(cfg)
+    sets = len(plan.backbones[0].features)
+    print(f"{args.config}: ok — {len(plan.backbones)} backbone run(s), {sets} data sets, "
+          f"{len(plan.layers)} representations, {len(cfg.detectors)} detectors")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from orchestrator.sweep import SweepRunner
+
+    cfg, text = _load(args.config)
+    runner = SweepRunner(cfg, text)  # plans (and may refuse) before any Ray or MLflow work
+    runner.run()
+    return 0
+
+
+def cmd_ui(args) -> int:
+    uri = None
+    if args.config:
+        cfg, _ = _load(args.config)
+        uri = cfg.resolved_tracking_uri()
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port)]
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover
+
+
+def cmd_report(args) -> int:
+    from orchestrator.results import latest_rows
+    from orchestrator.report import format_table
+
+    cfg, _ = _load(args.config)
+    rows = latest_rows(cfg.resolved_tracking_uri(), cfg.name)
+    print(format_table(rows))
+    return 0
+
+
+COMMANDS = {"sweep": cmd_sweep, "validate": cmd_validate, "ui": cmd_ui, "report": cmd_report}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume (finished stages are reused)", file=sys.stderr)
+        return 130

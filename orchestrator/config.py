@@ -1,0 +1,331 @@
+"""The sweep file: schema, loading and validation.
+
+A sweep YAML is parsed into :class:`SweepConfig` (pydantic, unknown keys refused). Semantic
+checks that need the registries of ``ood_core`` (data set, architecture and detector names,
+their parameters, search spaces, hooked modules) run in :func:`validate_semantics`.
+Every problem a user can cause is raised as :class:`ConfigError` whose message starts with the
+field path, e.g. ``detectors[2].search.percentile: grid must be a non-empty list``.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.errors import ConfigError
+
+SEARCH_KINDS = ("grid", "uniform", "loguniform", "choice", "randint")
+REDUCTIONS = ("none", "avgpool", "max", "energy", "flatten")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class FormatConfig(_Strict):
+    """Overrides of the ID input format (channels, image size, normalisation)."""
+
+    channels: Optional[int] = Field(None, ge=1, le=4)
+    image_size: Optional[int] = Field(None, ge=4, le=1024)
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+
+
+class DataSetConfig(_Strict):
+    """One data set: a registry name, its parameters and the split to read."""
+
+    name: Optional[str] = None
+    dataset: str
+    split: Literal["train", "val", "test"] = "test"
+    params: Dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.dataset}-{self.split}"
+
+
+class IdDataConfig(_Strict):
+    dataset: str
+    params: Dict[str, Any] = Field(default_factory=dict)
+    format: FormatConfig = Field(default_factory=FormatConfig)
+
+
+class OodTestConfig(_Strict):
+    near: List[DataSetConfig] = Field(default_factory=list)
+    far: List[DataSetConfig] = Field(default_factory=list)
+
+
+class DataConfig(_Strict):
+    id: IdDataConfig
+    ood_val: List[DataSetConfig] = Field(min_length=1)
+    ood_test: OodTestConfig
+    allow_val_test_overlap: bool = False
+
+
+class TrainSection(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = True
+    num_workers: int = Field(0, ge=0)
+
+
+class BackboneConfig(_Strict):
+    name: str
+    arch: str
+    params: Dict[str, Any] = Field(default_factory=dict)
+    seeds: List[int] = Field(default_factory=lambda: [0], min_length=1)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+
+class LayerConfig(_Strict):
+    name: str
+    module: Optional[str] = None
+    reduction: Literal["none", "avgpool", "max", "energy", "flatten"] = "avgpool"
+
+
+class ExtractConfig(_Strict):
+    batch_size: int = Field(256, ge=1)
+    layers: List[Union[str, LayerConfig]] = Field(default_factory=lambda: ["logits", "penultimate"])
+
+    @field_validator("layers")
+    @classmethod
+    def _needs_logits_and_penultimate(cls, layers):
+        names = {l if isinstance(l, str) else l.name for l in layers}
+        missing = {"logits", "penultimate"} - names
+        if missing:
+            raise ValueError(f"must include {sorted(missing)} (detectors and accuracy need them)")
+        return layers
+
+
+class DetectorConfig(_Strict):
+    type: str
+    name: Optional[str] = None
+    params: Dict[str, Any] = Field(default_factory=dict)
+    search: Optional[Dict[str, Any]] = None
+    num_samples: Optional[int] = Field(None, ge=1)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+
+class SearchConfig(_Strict):
+    metric: Literal["auroc", "aupr_in", "aupr_out", "fpr95"] = "auroc"
+    num_samples: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    algorithm: Literal["basic"] = "basic"
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.metric == "fpr95" else "max"
+
+
+class ResourcesConfig(_Strict):
+    gpus_per_task: float = Field(0, ge=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    cpus_per_task: float = Field(1, gt=0)
+    max_retries: int = Field(2, ge=0)
+
+
+class SweepConfig(_Strict):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    storage: str = ".ood_sweep"
+    tracking_uri: Optional[str] = None
+    data: DataConfig
+    backbones: List[BackboneConfig] = Field(min_length=1)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    detectors: List[DetectorConfig] = Field(min_length=1)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    def resolved_tracking_uri(self) -> str:
+        """Config value, else ``MLFLOW_TRACKING_URI``, else MLflow's default sqlite store."""
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_loc(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "LayerConfig") or "[" in str(part):
+            continue  # union-member names pydantic inserts
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def load_config(path: Union[str, Path]) -> SweepConfig:
+    """Read, parse and validate a sweep file; raise :class:`ConfigError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_config(raw)
+
+
+def parse_config(raw: Any) -> SweepConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>: the config must be a mapping of keys to values")
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        # the most specific error (a union reports one per member; the deepest names the real field)
+        err = max(exc.errors(), key=lambda e: len(e["loc"]))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(f"{_format_loc(err['loc'])}: {msg}") from None
+    validate_semantics(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+def _check_dataset(path: str, dataset: str, params: Dict[str, Any]) -> None:
+    from ood_core.data import DATASETS
+
+    if dataset not in DATASETS:
+        raise ConfigError(f"{path}.dataset: unknown data set {dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    sig = inspect.signature(DATASETS[dataset].build)
+    accepted = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY or p.kind == p.POSITIONAL_OR_KEYWORD}
+    accepted -= {"split", "fmt", "seed"}
+    for key in params:
+        if key not in accepted:
+            raise ConfigError(
+                f"{path}.params.{key}: unknown parameter for data set {dataset!r}; accepted: {', '.join(sorted(accepted)) or 'none'}"
+            )
+
+
+def check_search_spec(path: str, spec: Any) -> None:
+    """Validate one search spec (grid / distributions / fixed scalar); raise ConfigError."""
+    if not isinstance(spec, dict):
+        if isinstance(spec, (int, float, str, bool)) or spec is None:
+            return  # a fixed value
+        raise ConfigError(f"{path}: expected a value or one of {{{', '.join(SEARCH_KINDS)}}}")
+    if len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+        raise ConfigError(f"{path}: expected exactly one of {', '.join(SEARCH_KINDS)}, got {sorted(spec)}")
+    kind, value = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{path}.{kind}: must be a non-empty list")
+        return
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
+        raise ConfigError(f"{path}.{kind}: must be a list [low, high] of two numbers")
+    lo, hi = value
+    if not lo < hi:
+        raise ConfigError(f"{path}.{kind}: low must be smaller than high, got [{lo}, {hi}]")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{path}.{kind}: bounds must be positive, got [{lo}, {hi}]")
+    if kind == "randint" and not all(isinstance(v, int) for v in value):
+        raise ConfigError(f"{path}.{kind}: bounds must be integers")
+
+
+def validate_semantics(cfg: SweepConfig) -> None:
+    from ood_core.detectors.registry import detector_params, get_spec
+    from ood_core.models import ARCHITECTURES
+
+    _check_dataset("data.id", cfg.data.id.dataset, cfg.data.id.params)
+    labels = set()
+    for group, sets in (("data.ood_val", cfg.data.ood_val), ("data.ood_test.near", cfg.data.ood_test.near),
+                        ("data.ood_test.far", cfg.data.ood_test.far)):
+        for i, ds in enumerate(sets):
+            _check_dataset(f"{group}[{i}]", ds.dataset, ds.params)
+            if ds.label in labels:
+                raise ConfigError(f"{group}[{i}].name: duplicate data set name {ds.label!r}")
+            labels.add(ds.label)
+    if not cfg.data.ood_test.near and not cfg.data.ood_test.far:
+        raise ConfigError("data.ood_test: needs at least one near or far OOD test set")
+    _check_leakage(cfg)
+
+    names = set()
+    for i, bb in enumerate(cfg.backbones):
+        if bb.arch not in ARCHITECTURES:
+            raise ConfigError(
+                f"backbones[{i}].arch: unknown architecture {bb.arch!r}; known: {', '.join(sorted(ARCHITECTURES))}"
+            )
+        if bb.name in names:
+            raise ConfigError(f"backbones[{i}].name: duplicate backbone name {bb.name!r}")
+        names.add(bb.name)
+
+    seen_layers = set()
+    for i, layer in enumerate(cfg.extract.layers):
+        if isinstance(layer, str):
+            if layer not in ("logits", "penultimate"):
+                raise ConfigError(
+                    f"extract.layers[{i}]: {layer!r} is not a preset; write {{name: ..., module: ..., reduction: ...}}"
+                )
+            name = layer
+        else:
+            name = layer.name
+            if layer.module is None and name not in ("logits", "penultimate"):
+                raise ConfigError(f"extract.layers[{i}].module: required for layer {name!r}")
+        if name in seen_layers:
+            raise ConfigError(f"extract.layers[{i}].name: duplicate layer name {name!r}")
+        seen_layers.add(name)
+
+    labels = set()
+    for i, det in enumerate(cfg.detectors):
+        path = f"detectors[{i}]"
+        try:
+            spec = get_spec(det.type)
+        except KeyError as exc:
+            raise ConfigError(f"{path}.type: {exc.args[0]}") from None
+        if det.label in labels:
+            raise ConfigError(f"{path}.name: duplicate detector name {det.label!r}")
+        labels.add(det.label)
+        allowed = set(detector_params(spec.name))
+        for key in det.params:
+            if key not in allowed:
+                raise ConfigError(
+                    f"{path}.params.{key}: {spec.name} has no hyperparameter {key!r}; known: {', '.join(sorted(allowed)) or 'none'}"
+                )
+        if det.search is not None:
+            for key, value in det.search.items():
+                if key not in allowed:
+                    raise ConfigError(
+                        f"{path}.search.{key}: {spec.name} has no hyperparameter {key!r}; known: {', '.join(sorted(allowed)) or 'none'}"
+                    )
+                check_search_spec(f"{path}.search.{key}", value)
+                if key in det.params:
+                    raise ConfigError(f"{path}.search.{key}: also fixed in params; give it in one place")
+
+
+def _dataset_identity(ds: DataSetConfig):
+    import json
+
+    return (ds.dataset, ds.split, json.dumps(ds.params, sort_keys=True))
+
+
+def _check_leakage(cfg: SweepConfig) -> None:
+    """Refuse OOD validation sets that are the same data as an OOD test set."""
+    tests = {
+        _dataset_identity(ds): f"data.ood_test.{group}[{i}]"
+        for group, sets in (("near", cfg.data.ood_test.near), ("far", cfg.data.ood_test.far))
+        for i, ds in enumerate(sets)
+    }
+    for i, ds in enumerate(cfg.data.ood_val):
+        clash = tests.get(_dataset_identity(ds))
+        if clash and not cfg.data.allow_val_test_overlap:
+            raise ConfigError(
+                f"data.ood_val[{i}]: same data as {clash} (selection would see the test set); "
+                "use another split, or set data.allow_val_test_overlap: true to accept optimistic results"
+            )

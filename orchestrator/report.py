@@ -1,0 +1,70 @@
+"""The results table: one row per (backbone, detector) with the selected configuration."""
+from __future__ import annotations
+
+import json
+from typing import Dict, Iterable, List, Sequence
+
+import pandas as pd
+
+
+def _fmt_params(selected: Dict) -> str:
+    if not selected:
+        return "-"
+    parts = []
+    for k, v in selected.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
+
+
+def results_frame(rows: Iterable[Dict]) -> pd.DataFrame:
+    """Rows as a flat frame (selected hyperparameters as JSON) for CSV / Parquet artifacts."""
+    flat = []
+    for row in rows:
+        r = {k: v for k, v in row.items() if not k.startswith("_")}
+        r["selected"] = json.dumps(r.get("selected", {}), sort_keys=True)
+        flat.append(r)
+    return pd.DataFrame(flat)
+
+
+def summary_metrics(rows: Iterable[Dict]) -> Dict[str, float]:
+    """Per detector and backbone, the near / far means, named ``<detector>.<backbone>.<group>_<metric>``."""
+    out = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(("near/", "far/")):
+                group, metric = key.split("/")
+                out[f"{row['detector']}.{row['backbone']}.{group}_{metric}"] = value
+    return out
+
+
+def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far")) -> str:
+    """A plain-text table: per detector the selected hyperparameters, AUROC and FPR@95 per OOD group."""
+    headers = ["backbone", "detector", "selected", "val AUROC"]
+    for g in metric_groups:
+        headers += [f"{g} AUROC", f"{g} FPR95"]
+    body: List[List[str]] = []
+    for row in rows:
+        line = [row["backbone"], row["detector"], _fmt_params(row.get("selected", {})),
+                _pct(row.get("val_auroc"))]
+        for g in metric_groups:
+            line += [_pct(row.get(f"{g}/auroc")), _pct(row.get(f"{g}/fpr95"))]
+        body.append(line)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
+
+    def render(cells):
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [render(headers), "  ".join("-" * w for w in widths)] + [render(b) for b in body]
+    accs = {}
+    for row in rows:
+        if "id_accuracy" in row:
+            accs[row["backbone"]] = row["id_accuracy"]
+    if accs:
+        lines.append("")
+        lines.append("ID test accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accs.items()))
+    lines.append("AUROC / FPR95 in %; FPR95 = OOD accepted at the threshold that keeps 95% of ID (lower is better).")
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * float(v):.2f}"

@@ -1,0 +1,190 @@
+"""Hyperparameter search with Ray Tune, one Tuner per (backbone, detector).
+
+Search specs (YAML or a detector's ``default_search_space``) become Tune domains:
+
+=========================  =================================
+spec                       Tune
+=========================  =================================
+``{grid: [a, b]}``         ``tune.grid_search([a, b])``
+``{choice: [a, b]}``       ``tune.choice([a, b])``
+``{uniform: [lo, hi]}``    ``tune.uniform(lo, hi)``
+``{loguniform: [lo, hi]}`` ``tune.loguniform(lo, hi)``
+``{randint: [lo, hi]}``    ``tune.randint(lo, hi + 1)`` (both ends included)
+a plain value              fixed
+=========================  =================================
+
+Grids are crossed; random domains are sampled ``num_samples`` times per grid point.
+Finished searches are cached by content (see :mod:`orchestrator.search_cache`).
+Trials are selected on the validation metric only (``val_<metric>``); see :func:`sweep_space`
+for how one Tuner carries every detector's search.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+
+def to_tune_domain(spec: Any):
+    if not isinstance(spec, dict):
+        return spec
+    (kind, value), = spec.items()
+    if kind == "grid":
+        return tune.grid_search(list(value))
+    if kind == "choice":
+        return tune.choice(list(value))
+    if kind == "uniform":
+        return tune.uniform(*value)
+    if kind == "loguniform":
+        return tune.loguniform(*value)
+    if kind == "randint":
+        return tune.randint(value[0], value[1] + 1)
+    raise ValueError(f"unknown search kind {kind!r}")
+
+
+def param_space(search: Dict[str, Any]) -> Dict[str, Any]:
+    return {name: to_tune_domain(spec) for name, spec in search.items()}
+
+
+def is_random(search: Dict[str, Any]) -> bool:
+    return any(isinstance(s, dict) and next(iter(s)) != "grid" for s in search.values())
+
+
+class BatchedMLflowCallback(MLflowLoggerCallback):
+    """Ray's MLflow logger, adapted to a sweep-wide search.
+
+    * each trial run is nested under the run of its (backbone, detector) pair
+      (``parents[entry key]``) and logs that detector's hyperparameters, not Tune's wrapper;
+    * metrics go in one batch per result, only our own keys (the stock callback makes one
+      tracking call per metric, which dominates a search against a sqlite store).
+    """
+
+    def __init__(self, *args, parents: Dict[str, str], metric_filter: Callable[[str], bool], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._parents = parents
+        self._metric_filter = metric_filter
+
+    def log_trial_start(self, trial):
+        if trial in self._trial_runs:
+            return
+        entry = trial.config["entry"]
+        tags = {**(self.tags or {}), "trial_name": str(trial), "mlflow.parentRunId": self._parents[entry["key"]],
+                **{k: str(v) for k, v in entry.get("tags", {}).items()}}
+        run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
+        self._trial_runs[trial] = run.info.run_id
+        self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=dict(entry["params"]))
+
+    def log_trial_result(self, iteration: int, trial, result: Dict):
+        import time
+
+        from mlflow.entities import Metric
+
+        run_id = self._trial_runs[trial]
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in result.items()
+                   if self._metric_filter(k) and isinstance(v, (int, float))]
+        self.mlflow_util._get_client().log_batch(run_id, metrics=metrics)
+
+    def log_trial_end(self, trial, failed: bool = False):
+        self.mlflow_util.end_run(run_id=self._trial_runs[trial], status="FAILED" if failed else "FINISHED")
+
+
+class TrialProgress(tune.Callback):
+    """Advances a tqdm bar as trials finish."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.bar.update(1)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.bar.update(1)
+
+
+def entry_variants(search: Dict[str, Any], num_samples: int, seed: int, key: str) -> List[Dict[str, Any]]:
+    """The concrete hyperparameter points of one entry, drawn by Tune's variant generator.
+
+    Grids are crossed; random domains are sampled ``num_samples`` times per grid point from a
+    random stream seeded by ``(seed, key)``, so an entry's points do not depend on which other
+    entries share the sweep (that is what lets an entry's result be cached on its own).
+    """
+    import hashlib
+
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    state = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
+    rng = np.random.RandomState(state)
+    copies = num_samples if is_random(search) else 1
+    points = []
+    for _ in range(copies):
+        for _spec, cfg in generate_variants(param_space(search), random_state=rng):
+            points.append(cfg)
+    return points
+
+
+def sweep_space(entries: List[Dict[str, Any]], seed: int) -> Dict[str, Any]:
+    """One Tune space for every (backbone, detector) search of a sweep.
+
+    ``entries``: dicts with ``key`` (unique), ``search`` (our spec format), ``num_samples`` and
+    optional ``tags``. Each of an entry's points (:func:`entry_variants`) becomes one grid value
+    ``{"key", "params", "tags"}``. One Tuner for the whole sweep pays Tune's start-up and actor cost
+    once, and ``reuse_actors`` keeps the cached features of a worker across detectors.
+    """
+    points = []
+    for e in entries:
+        for params in entry_variants(e["search"], e["num_samples"], seed, e["key"]):
+            points.append({"key": e["key"], "params": params, "tags": e.get("tags", {})})
+    return {"entry": tune.grid_search(points)}
+
+
+def run_search(
+    trainable: Callable,
+    contexts: Dict[str, Dict],
+    entries: List[Dict[str, Any]],
+    *,
+    metric: str,
+    mode: str,
+    max_concurrent: int,
+    storage_path: str,
+    name: str,
+    resources: Dict[str, float],
+    seed: int,
+    callbacks: Optional[List] = None,
+    max_failures: int = 2,
+) -> Dict[str, List]:
+    """Run every entry's search in one Tuner; return ``{entry key: [tune.Result, ...]}``.
+
+    Raises when every trial of an entry failed (the error of its first trial is shown).
+    """
+    trainable = tune.with_resources(tune.with_parameters(trainable, contexts=contexts), resources)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=sweep_space(entries, seed),
+        tune_config=tune.TuneConfig(
+            metric=f"val_{metric}", mode=mode, reuse_actors=True, max_concurrent_trials=max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, verbose=0, callbacks=callbacks or [],
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    grid = tuner.fit()
+    by_key: Dict[str, List] = {e["key"]: [] for e in entries}
+    for result in grid:
+        by_key[result.config["entry"]["key"]].append(result)
+    for key, results in by_key.items():
+        ok = [r for r in results if r.error is None and f"val_{metric}" in r.metrics]
+        if not ok:
+            first = next((r.error for r in results if r.error is not None), "no result reported")
+            raise RuntimeError(f"every trial of {key} failed; first error: {first}")
+    return by_key
+
+
+def select_best(results: List, metric: str, mode: str):
+    """The result with the best validation metric (first one on ties, i.e. trial order)."""
+    ok = [r for r in results if r.error is None and f"val_{metric}" in r.metrics]
+    sign = 1.0 if mode == "max" else -1.0
+    return max(ok, key=lambda r: sign * float(r.metrics[f"val_{metric}"]))

@@ -1,0 +1,309 @@
+"""Run a planned sweep: train → extract → search, with Ray, tracked in MLflow.
+
+Stages whose content-addressed output already exists (a checkpoint, a valid Parquet file) are
+reused without launching a task; the console says so. The driver does no tensor math: it
+schedules tasks, logs their results and prints the report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from orchestrator import report
+from orchestrator.config import SweepConfig
+from orchestrator.plan import BackbonePlan, SweepPlan, join_uri, make_plan
+from orchestrator.tracking import PARENT_TAG, Tracker, flatten
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def absolute_storage(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banners, our own progress bar
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs = dict(include_dashboard=False, logging_level="ERROR", configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+def _is_metric(key: str) -> bool:
+    return key.startswith(("val_", "test/", "near/", "far/"))
+
+
+def _bb_dict(bb: BackbonePlan) -> Dict:
+    return {"key": bb.key, "label": bb.label, "arch": bb.arch, "params": bb.params, "train": bb.train,
+            "seed": bb.seed, "checkpoint_uri": bb.checkpoint_uri}
+
+
+def _feature_dict(f) -> Dict:
+    return {"key": f.key, "uri": f.uri, "dataset": {**asdict(f.dataset)}}
+
+
+class SweepRunner:
+    def __init__(self, cfg: SweepConfig, config_text: str):
+        self.cfg = cfg.model_copy(update={"storage": absolute_storage(cfg.storage)})
+        self.config_text = config_text
+        self.plan: SweepPlan = make_plan(self.cfg)
+        self.tracking_uri = self.cfg.resolved_tracking_uri()
+        self._ray_started = False
+
+    # ------------------------------------------------------------------ stages
+    def train(self, tracker: Tracker, parent: str) -> Dict[str, Dict]:
+        import ray
+
+        from ood_core import storage
+        from ood_core.checkpoints import CheckpointError, load_checkpoint, sha256_bytes
+        from tasks.train import train_backbone
+
+        cfg, plan = self.cfg, self.plan
+        res = cfg.resources
+        remote = ray.remote(train_backbone).options(num_cpus=res.cpus_per_task, num_gpus=res.gpus_per_task,
+                                                    max_retries=res.max_retries)
+        id_data = {"dataset": cfg.data.id.dataset, "params": cfg.data.id.params, "seed": cfg.seed}
+        results: Dict[str, Dict] = {}
+        pending = {}
+        for bb in plan.backbones:
+            if storage.exists(bb.checkpoint_uri):
+                try:
+                    _state, meta = load_checkpoint(bb.checkpoint_uri)
+                    results[bb.key] = {"key": bb.key, "history": meta.get("history", []), "cached": True,
+                                       "sha256": sha256_bytes(storage.read_bytes(bb.checkpoint_uri)), "seconds": 0.0}
+                    _say(f"[train] {bb.label}: reusing cached checkpoint {bb.key}")
+                    continue
+                except CheckpointError as exc:
+                    _say(f"[train] {bb.label}: cached checkpoint unreadable ({exc}); retraining")
+            _say(f"[train] {bb.label}: training {bb.arch} for {bb.train['epochs']} epochs")
+            self._ray()
+            pending[bb.key] = remote.remote(_bb_dict(bb), plan.num_classes, plan.input_format, id_data)
+        for key, ref in pending.items():
+            results[key] = ray.get(ref)
+        for bb in plan.backbones:
+            r = results[bb.key]
+            with tracker.run(f"train {bb.label}", parent=parent, tags={"stage": "train", "backbone": bb.label}) as rid:
+                tracker.log(rid, params={"arch": bb.arch, "seed": bb.seed, "backbone_key": bb.key,
+                                         **{f"params.{k}": v for k, v in bb.params.items()},
+                                         **{f"train.{k}": v for k, v in bb.train.items()}},
+                            tags={"cached": r["cached"], "checkpoint_sha256": r["sha256"]},
+                            metrics={"train_seconds": r["seconds"]})
+                tracker.log_history(rid, r["history"])
+                if self._local(bb.checkpoint_uri):
+                    tracker.log_artifact(rid, bb.checkpoint_uri, "checkpoint")
+        return results
+
+    def extract(self) -> None:
+        import ray
+        from tqdm import tqdm
+
+        from ood_core.feature_store import validate_feature_file
+        from ood_core.hooks import LayerSpec
+        from tasks.extract import extract_dataset
+
+        cfg, plan = self.cfg, self.plan
+        res = cfg.resources
+        columns = [LayerSpec(**l).column for l in plan.layers]
+        remote = ray.remote(extract_dataset).options(num_cpus=res.cpus_per_task, num_gpus=res.gpus_per_task,
+                                                     max_retries=res.max_retries)
+        refs, cached = [], 0
+        for bb in plan.backbones:
+            for f in bb.features:
+                if validate_feature_file(f.uri, columns):
+                    cached += 1
+                    continue
+                self._ray()
+                refs.append(remote.remote(_bb_dict(bb), _feature_dict(f), plan.layers, plan.num_classes,
+                                          plan.input_format, cfg.extract.batch_size))
+        total = cached + len(refs)
+        if cached:
+            _say(f"[extract] reusing {cached} of {total} cached feature files")
+        if refs:
+            _say(f"[extract] extracting {len(refs)} feature files ({len(plan.layers)} representations each)")
+            with tqdm(total=len(refs), desc="extract", unit="set", file=sys.stdout) as bar:
+                left = refs
+                while left:
+                    done, left = ray.wait(left, num_returns=1)
+                    ray.get(done)
+                    bar.update(len(done))
+
+    def context(self, bb: BackbonePlan, det) -> Dict:
+        from ood_core.detectors.registry import get_spec
+        from ood_core.hooks import LayerSpec
+
+        spec = get_spec(det.type)
+        columns = [LayerSpec(**l).column for l in self.plan.layers]
+        return {
+            "detector": spec.name, "fixed": dict(det.params), "columns": columns,
+            "backbone": _bb_dict(bb), "num_classes": self.plan.num_classes, "format": self.plan.input_format,
+            "sets": {f.dataset.label: {"uri": f.uri, "role": f.dataset.role} for f in bb.features},
+        }
+
+    def search(self, tracker: Tracker, parent: str) -> List[Dict]:
+        """Search every (backbone, detector) pair; unchanged searches come from the search cache."""
+        from tqdm import tqdm
+
+        from ood_core.detectors.registry import get_spec
+        from orchestrator import search_cache
+        from orchestrator.search import BatchedMLflowCallback, TrialProgress, entry_variants, run_search, select_best
+        from tasks.evaluate import backbone_accuracy, load_scores, tune_trial
+
+        cfg, plan = self.cfg, self.plan
+        metric, mode = cfg.search.metric, cfg.search.mode
+        entries, contexts, runs, info, cached = [], {}, {}, {}, {}
+        for bb in plan.backbones:
+            for det in cfg.detectors:
+                spec = get_spec(det.type)
+                space = det.search if det.search is not None else dict(spec.search_space)
+                space = {k: v for k, v in space.items() if k not in det.params}
+                num_samples = det.num_samples or cfg.search.num_samples
+                key = f"{bb.label}/{det.label}"
+                skey = search_cache.search_key([f.key for f in bb.features], spec.name, det.params, space,
+                                               num_samples, metric, cfg.seed)
+                info[key] = (bb, det, space, skey)
+                runs[key] = tracker.start_run(f"{det.label} @ {bb.label}", parent=parent,
+                                              tags={"stage": "detector", "backbone": bb.label, "detector": det.label})
+                record = search_cache.load(cfg.storage, skey)
+                if record is not None:
+                    cached[key] = record
+                    continue
+                contexts[key] = self.context(bb, det)
+                entries.append({"key": key, "search": space, "num_samples": num_samples,
+                                "tags": {"backbone": bb.label, "detector": det.label}})
+        if cached:
+            _say(f"[search] reusing {len(cached)} of {len(info)} cached searches")
+        if entries:
+            total = sum(len(entry_variants(e["search"], e["num_samples"], cfg.seed, e["key"])) for e in entries)
+            _say(f"[search] {len(entries)} searches, {total} trials, selected on val_{metric} ({mode}) only")
+            self._ray()
+            callback = BatchedMLflowCallback(
+                tracking_uri=self.tracking_uri, experiment_name=cfg.name, tags={"stage": "trial"}, parents=runs,
+                metric_filter=_is_metric,
+            )
+            with tqdm(total=total, desc="search", unit="trial", file=sys.stdout) as bar:
+                by_key = run_search(
+                    tune_trial, contexts, entries, metric=metric, mode=mode,
+                    max_concurrent=cfg.search.max_concurrent_trials, storage_path=join_uri(cfg.storage, "tune"),
+                    name=f"{cfg.name}-{int(time.time())}", seed=cfg.seed,
+                    resources={"cpu": 1, "gpu": cfg.resources.gpus_per_trial},
+                    callbacks=[callback, TrialProgress(bar)], max_failures=cfg.resources.max_retries,
+                )
+            self._finish_searches(by_key, contexts, info)
+        rows: List[Dict] = []
+        panels: Dict[str, Dict] = {}
+        for key, (bb, det, space, skey) in info.items():
+            record = search_cache.load(cfg.storage, skey)
+            trials = record["trials"]
+            best = trials[record["selected"]]
+            if key in cached:  # a reused search still gets its complete set of runs in this sweep
+                for i, t in enumerate(trials):
+                    with tracker.run(f"trial {i:03d}", parent=runs[key],
+                                     tags={"stage": "trial", "cached": True, "backbone": bb.label,
+                                           "detector": det.label}) as rid:
+                        tracker.log(rid, params=t["params"], metrics=t["metrics"])
+            tracker.log(runs[key], params={**{f"fixed.{k}": v for k, v in det.params.items()},
+                                           **{f"selected.{k}": v for k, v in best["params"].items()},
+                                           "search_space": space, "trials": len(trials)},
+                        metrics=best["metrics"], tags={"cached": key in cached, "search_key": skey})
+            scores = load_scores(search_cache.paths(cfg.storage, skey)["scores"])
+            self._figures(tracker, runs[key], f"{det.label} @ {bb.label}", scores)
+            panels.setdefault(bb.label, {})[det.label] = (scores["id-test"],
+                                                          {k: v for k, v in scores.items() if k != "id-test"})
+            rows.append({"backbone": bb.label, "backbone_key": bb.key, "detector": det.label, "type": det.type,
+                         "selected": best["params"], "trials": len(trials), **best["metrics"]})
+            tracker.end_run(runs[key])
+        self._grid_figures(tracker, parent, panels)
+        accs = {bb.key: backbone_accuracy(next(f.uri for f in bb.features if f.dataset.role == "id_test"))
+                for bb in plan.backbones}
+        for row in rows:
+            row["id_accuracy"] = accs[row["backbone_key"]]
+        return rows
+
+    def _finish_searches(self, by_key, contexts, info) -> None:
+        """Select each search's best trial on validation, score it for the figures, cache both."""
+        import ray
+
+        from orchestrator import search_cache
+        from orchestrator.search import select_best
+        from tasks.evaluate import final_scores
+
+        cfg = self.cfg
+        metric, mode = cfg.search.metric, cfg.search.mode
+        remote = ray.remote(final_scores).options(num_cpus=1, num_gpus=cfg.resources.gpus_per_trial,
+                                                  max_retries=cfg.resources.max_retries)
+        pending = []
+        for key, results in by_key.items():
+            skey = info[key][3]
+            best = select_best(results, metric, mode)
+            trials = [{"params": dict(r.config["entry"]["params"]),
+                       "metrics": {k: float(v) for k, v in r.metrics.items() if _is_metric(k)}}
+                      for r in results if r.error is None and f"val_{metric}" in r.metrics]
+            selected = next(i for i, t in enumerate(trials) if t["params"] == dict(best.config["entry"]["params"]))
+            uri = search_cache.paths(cfg.storage, skey)["scores"]
+            pending.append((skey, trials, selected, remote.remote(contexts[key], trials[selected]["params"], uri)))
+        for skey, trials, selected, ref in pending:
+            ray.get(ref)
+            search_cache.save(cfg.storage, skey, trials, selected)
+
+    @staticmethod
+    def _figures(tracker: Tracker, run_id: str, title: str, scores) -> None:
+        from ood_core.plots import roc_figure, score_histogram_figure
+
+        ood = {k: v for k, v in scores.items() if k != "id-test"}
+        tracker.log_figure(run_id, roc_figure(scores["id-test"], ood, title), "roc.png")
+        tracker.log_figure(run_id, score_histogram_figure(scores["id-test"], ood, title), "scores.png")
+
+    @staticmethod
+    def _grid_figures(tracker: Tracker, parent: str, panels) -> None:
+        from ood_core.plots import roc_grid_figure
+
+        for bb_label, by_det in panels.items():
+            fig = roc_grid_figure(by_det, f"ROC curves of the selected detectors ({bb_label})")
+            tracker.log_figure(parent, fig, f"roc_{bb_label}.png")
+
+    def _ray(self) -> None:
+        if not self._ray_started:
+            init_ray()
+            self._ray_started = True
+
+    @staticmethod
+    def _local(uri: str) -> bool:
+        return "://" not in uri or uri.startswith("file://")
+
+    # ------------------------------------------------------------------ all
+    def run(self) -> List[Dict]:
+        cfg = self.cfg
+        started = time.perf_counter()
+        tracker = Tracker(self.tracking_uri, cfg.name)
+        _say(f"[sweep] {cfg.name}: {len(self.plan.backbones)} backbone(s), {len(cfg.detectors)} detector(s); "
+             f"MLflow {self.tracking_uri}, experiment {cfg.name!r}")
+        with tracker.run(f"sweep {cfg.name}", tags={"stage": "sweep"}) as parent:
+            tracker.log_text(parent, self.config_text, "config/sweep.yaml")
+            tracker.log_text(parent, json.dumps(cfg.model_dump(), indent=2), "config/resolved.json")
+            tracker.log(parent, params={k: v for k, v in flatten(cfg.model_dump(exclude={"detectors"})).items()})
+            self.train(tracker, parent)
+            self.extract()
+            rows = self.search(tracker, parent)
+            frame = report.results_frame(rows)
+            tracker.log_table(parent, frame, "results")
+            tracker.log(parent, metrics=report.summary_metrics(rows),
+                        tags={"sweep_seconds": f"{time.perf_counter() - started:.1f}"})
+        _say("")
+        _say(report.format_table(rows, metric_groups=("near", "far")))
+        _say(f"\n[sweep] done in {time.perf_counter() - started:.1f} s; browse with: python -m orchestrator ui")
+        return rows

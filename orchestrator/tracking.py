@@ -1,0 +1,121 @@
+"""MLflow tracking: one experiment per sweep, nested runs, batched logging.
+
+Layout of a sweep in MLflow::
+
+    <sweep name> (experiment)
+    └── sweep run                 resolved config, results table, figures, summary metrics
+        ├── train <backbone>      per-epoch loss / accuracy, checkpoint, its sha256
+        └── <detector> @ <bb>     selected hyperparameters, val + test metrics, ROC / histogram figures
+            └── trial runs        one per Tune trial: parameters, val and test metrics
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterable, List, Optional
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class Tracker:
+    """Thin wrapper over :class:`MlflowClient` for one sweep's runs."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.tracking_uri = tracking_uri
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment = experiment
+
+    # -- runs --------------------------------------------------------------------------
+    def start_run(self, name: str, parent: Optional[str] = None, tags: Optional[Dict[str, str]] = None) -> str:
+        all_tags = dict(tags or {})
+        if parent:
+            all_tags[PARENT_TAG] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def run(self, name: str, parent: Optional[str] = None, tags: Optional[Dict[str, str]] = None):
+        run_id = self.start_run(name, parent, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, "KILLED" if _interrupted() else "FAILED")
+            raise
+        self.end_run(run_id)
+
+    # -- logging (always batched) -------------------------------------------------------
+    def log(self, run_id: str, metrics: Optional[Dict[str, float]] = None, params: Optional[Dict] = None,
+            tags: Optional[Dict[str, str]] = None, step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+        ps = [Param(k, _param_str(v)) for k, v in (params or {}).items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(ms), len(ps), len(ts), 1), 900):
+            self.client.log_batch(run_id, metrics=ms[i:i + 900], params=ps[i:i + 90], tags=ts[i:i + 90])
+
+    def log_history(self, run_id: str, rows: Iterable[Dict]) -> None:
+        """Per-epoch rows (each with an ``epoch`` field) as stepped metrics, in one batch."""
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, int(row["epoch"])) for row in rows for k, v in row.items() if k != "epoch"]
+        for i in range(0, len(ms), 900):
+            self.client.log_batch(run_id, metrics=ms[i:i + 900])
+
+    def log_figure(self, run_id: str, figure, name: str) -> None:
+        self.client.log_figure(run_id, figure, name)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def log_table(self, run_id: str, frame, name: str) -> None:
+        """A pandas frame as CSV and Parquet artifacts (``name``.csv / .parquet)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            frame.to_csv(os.path.join(tmp, f"{name}.csv"), index=False)
+            frame.to_parquet(os.path.join(tmp, f"{name}.parquet"), index=False)
+            self.client.log_artifacts(run_id, tmp)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(run_id, local_path, artifact_path)
+
+
+def _param_str(v) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s[:6000]
+
+
+def _interrupted() -> bool:
+    import sys
+
+    exc = sys.exc_info()[1]
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def flatten(d: Dict, prefix: str = "") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def experiment_runs(tracking_uri: str, experiment: str) -> List:
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], max_results=10000)

@@ -1,0 +1,153 @@
+"""Ray Tune trial: fit a detector on cached ID-train features, score validation and test sets.
+
+The trial sees only cached Parquet features (read once per worker process and kept in an LRU
+cache, so with ``reuse_actors`` the files are read once per search, not once per trial).
+Selection uses the validation metrics only; test metrics are reported alongside so that the
+selected trial's test figures are what the sweep reports.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+GROUPS = ("near", "far")
+
+
+@functools.lru_cache(maxsize=64)
+def _read(uri: str, columns: Tuple[str, ...]):
+    from ood_core.feature_store import read_features
+
+    return read_features(uri, columns=list(columns))
+
+
+@functools.lru_cache(maxsize=8)
+def _head(backbone_json: str, num_classes: int, fmt_json: str):
+    import json
+
+    from tasks.runtime import load_backbone
+
+    model = load_backbone(json.loads(backbone_json), num_classes, json.loads(fmt_json))
+    return model.head.weight.detach().clone(), model.head.bias.detach().clone()
+
+
+def _reps(fs, columns, device):
+    import torch
+
+    reps = {c: torch.from_numpy(fs.columns[c]).to(device) for c in columns}
+    reps["features"] = reps["penultimate"]  # the registry's name for penultimate features
+    return reps
+
+
+def score_detector_on_sets(context: Dict, params: Dict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Fit the detector with ``params`` on ID train; return ``(scores by set label, labels by set label)``."""
+    import json
+
+    import torch
+
+    from ood_core.detectors.registry import build_detector, fit_detector, get_spec, score_detector
+    from tasks.runtime import setup_worker
+
+    device = setup_worker()
+    spec = get_spec(context["detector"])
+    columns = tuple(context["columns"])
+    head = None
+    if spec.needs_head:
+        head = _head(json.dumps(context["backbone"], sort_keys=True), context["num_classes"],
+                     json.dumps(context["format"], sort_keys=True))
+        head = tuple(t.to(device) for t in head)
+    det = build_detector(spec.name, {**context["fixed"], **params}, head=head)
+    train = _read(context["sets"]["id-train"]["uri"], columns)
+    with torch.no_grad():
+        fit_detector(det, _reps(train, columns, device), torch.from_numpy(train.labels).to(device))
+    scores, labels = {}, {}
+    for label, entry in context["sets"].items():
+        if entry["role"] == "id_train":
+            continue
+        fs = _read(entry["uri"], columns)
+        with torch.no_grad():
+            scores[label] = score_detector(det, _reps(fs, columns, device)).float().cpu().numpy()
+        labels[label] = fs.labels
+    return scores, labels
+
+
+def evaluate_scores(context: Dict, scores: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """Validation metrics (ID val vs each OOD val set, averaged) and test metrics per set and group."""
+    from ood_core.metrics import ood_metrics
+
+    sets = context["sets"]
+    out: Dict[str, float] = {}
+    val = [ood_metrics(scores["id-val"], scores[l]) for l, e in sets.items() if e["role"] == "ood_val"]
+    for m in val[0]:
+        out[f"val_{m}"] = float(np.mean([v[m] for v in val]))
+    by_group: Dict[str, List[Dict[str, float]]] = {g: [] for g in GROUPS}
+    for label, entry in sets.items():
+        if entry["role"] in GROUPS:
+            res = ood_metrics(scores["id-test"], scores[label])
+            by_group[entry["role"]].append(res)
+            for m, v in res.items():
+                out[f"test/{label}/{m}"] = float(v)
+    for group, results in by_group.items():
+        for m in (results[0] if results else {}):
+            out[f"{group}/{m}"] = float(np.mean([r[m] for r in results]))
+    return out
+
+
+def tune_trial(config: Dict, contexts: Dict[str, Dict]) -> None:
+    """Tune function trainable: one (backbone, detector, hyperparameters) point, reported once.
+
+    ``config["entry"]`` = ``{"key": ..., "params": {...}}``; ``contexts[key]`` says which detector,
+    backbone and cached feature files the key stands for.
+    """
+    from ray import tune
+
+    entry = config["entry"]
+    context = contexts[entry["key"]]
+    scores, _labels = score_detector_on_sets(context, dict(entry["params"]))
+    tune.report(evaluate_scores(context, scores))
+
+
+def final_scores(context: Dict, params: Dict, uri: str) -> str:
+    """Score the selected configuration on ID test and every OOD test set; store them at ``uri``.
+
+    The file is Parquet with columns ``set`` (data set label) and ``score`` (float32).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ood_core import storage
+
+    scores, _ = score_detector_on_sets(context, params)
+    keep = ["id-test"] + [l for l, e in context["sets"].items() if e["role"] in GROUPS]
+    table = pa.table({
+        "set": pa.array([k for k in keep for _ in range(len(scores[k]))], pa.string()),
+        "score": pa.array(np.concatenate([scores[k] for k in keep]).astype(np.float32)),
+    })
+    with storage.atomic_output(uri) as f:
+        pq.write_table(table, f)
+    return uri
+
+
+def load_scores(uri: str) -> Dict[str, np.ndarray]:
+    """The per-set scores written by :func:`final_scores`, in file order."""
+    import pyarrow.parquet as pq
+
+    from ood_core import storage
+
+    with storage.open_input(uri) as f:
+        table = pq.read_table(f)
+    sets = table.column("set").to_numpy(zero_copy_only=False)
+    score = table.column("score").to_numpy()
+    out: Dict[str, np.ndarray] = {}
+    for name in dict.fromkeys(sets):
+        out[name] = score[sets == name]
+    return out
+
+
+def backbone_accuracy(uri: str) -> float:
+    """ID test accuracy of the backbone from its cached logits."""
+    from ood_core.metrics import accuracy
+
+    fs = _read(uri, ("logits",))
+    return float(accuracy(fs.columns["logits"], fs.labels))

@@ -1,0 +1,54 @@
+"""Ray task: train one backbone (or reuse its content-addressed checkpoint)."""
+from __future__ import annotations
+
+import time
+from typing import Dict
+
+from tasks.runtime import input_format, setup_worker
+
+
+def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -> Dict:
+    """Train ``backbone`` on the ID training split and save its checkpoint.
+
+    ``backbone``: a plan entry (key, arch, params, train, seed, checkpoint_uri, label).
+    Returns ``{"key", "sha256", "history", "cached", "seconds"}``. A valid checkpoint at
+    ``checkpoint_uri`` is reused: training is skipped and its stored history returned.
+    """
+    from ood_core import storage
+    from ood_core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, sha256_bytes
+    from ood_core.data import load_dataset
+    from ood_core.models import build_model
+    from ood_core.training import TrainConfig, train_classifier
+
+    if storage.exists(backbone["checkpoint_uri"]):
+        try:
+            _state, meta = load_checkpoint(backbone["checkpoint_uri"])
+            return {"key": backbone["key"], "sha256": sha256_bytes(storage.read_bytes(backbone["checkpoint_uri"])),
+                    "history": meta.get("history", []), "cached": True, "seconds": 0.0}
+        except CheckpointError:
+            pass  # corrupt cache entry: retrain and overwrite
+
+    device = setup_worker()
+    start = time.perf_counter()
+    f = input_format(fmt)
+    train_set = load_dataset(id_data["dataset"], split="train", fmt=f, seed=id_data["seed"], **id_data["params"])
+    val_set = load_dataset(id_data["dataset"], split="val", fmt=f, seed=id_data["seed"], **id_data["params"])
+    model = build_model(backbone["arch"], num_classes=num_classes, in_channels=f.channels, image_size=f.image_size,
+                        **backbone["params"])
+    cfg = TrainConfig(**backbone["train"])
+
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=cfg.epochs, desc=f"train {backbone['label']}")
+
+    def on_epoch(row):
+        bar.set_description(f"train {backbone['label']} val_acc={row['val_acc']:.3f}")
+        bar.update(1)
+
+    history = train_classifier(model, train_set, val_set, cfg, seed=backbone["seed"], device=device, on_epoch=on_epoch)
+    bar.close()
+    meta = {"key": backbone["key"], "arch": backbone["arch"], "params": backbone["params"], "history": history,
+            "num_classes": num_classes, "format": fmt}
+    sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta)
+    return {"key": backbone["key"], "sha256": sha, "history": history, "cached": False,
+            "seconds": time.perf_counter() - start}

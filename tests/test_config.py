@@ -1,0 +1,133 @@
+"""Config validation: every user mistake ends with one line naming the field, exit code 2."""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return yaml.safe_load(QUICKSTART.read_text())
+
+
+def _set(cfg, path, value):
+    """Set ``value`` at a dotted path with [i] indices; ``value=DELETE`` removes the key."""
+    node = cfg
+    parts = path.replace("]", "").replace("[", ".").split(".")
+    for p in parts[:-1]:
+        node = node[int(p)] if p.isdigit() else node.setdefault(p, {})
+    last = parts[-1]
+    if value is DELETE:
+        del node[int(last) if last.isdigit() else last]
+    elif last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return cfg
+
+
+DELETE = object()
+
+CASES = [
+    # (path to change, new value, expected start of the error message)
+    ("colour", "red", "colour: unknown key"),
+    ("data.id.flavour", 1, "data.id.flavour: unknown key"),
+    ("seed", "zero", "seed:"),
+    ("backbones[0].train.epochs", 0, "backbones[0].train.epochs:"),
+    ("backbones[0].train.lr", "fast", "backbones[0].train.lr:"),
+    ("backbones[0].arch", "resnet9000", "backbones[0].arch: unknown architecture 'resnet9000'"),
+    ("data.id.dataset", "imagenet-42", "data.id.dataset: unknown data set 'imagenet-42'"),
+    ("data.ood_test.far[0].dataset", "nope", "data.ood_test.far[0].dataset: unknown data set 'nope'"),
+    ("data.ood_test.near[0].params.colour", 3, "data.ood_test.near[0].params.colour: unknown parameter"),
+    ("data.ood_val[0].split", "holdout", "data.ood_val[0].split:"),
+    ("detectors[2].type", "Energie", "detectors[2].type:"),
+    ("detectors[6].search.percentile", {"grid": []}, "detectors[6].search.percentile.grid: must be a non-empty list"),
+    ("detectors[6].search.percentile", {"uniform": [99, 85]}, "detectors[6].search.percentile.uniform: low must be smaller"),
+    ("detectors[6].search.percentile", {"normal": [90, 1]}, "detectors[6].search.percentile: expected exactly one of"),
+    ("detectors[2].search.t", {"loguniform": [0, 10]}, "detectors[2].search.t.loguniform: bounds must be positive"),
+    ("detectors[5].search.k", {"randint": [1.5, 10]}, "detectors[5].search.k.randint: bounds must be integers"),
+    ("detectors[6].search.threshhold", {"grid": [1.0]}, "detectors[6].search.threshhold: ReAct has no hyperparameter"),
+    ("detectors[0].params.temperature", 2, "detectors[0].params.temperature: MaxSoftmax has no hyperparameter"),
+    ("detectors", [], "detectors:"),
+    ("backbones", DELETE, "backbones:"),
+    ("data.ood_val", [], "data.ood_val:"),
+    ("extract.layers[2].reduction", "median", "extract.layers[2].reduction:"),
+    ("extract.layers[2].module", "conv99", "extract.layers[2].module: small_cnn has no module 'conv99'"),
+    ("extract.layers", ["logits"], "extract.layers:"),
+    ("search.metric", "accuracy", "search.metric:"),
+    ("data.ood_val[0]", {"name": "leak", "dataset": "gaussian_noise", "split": "test", "params": {"n": 500}},
+     "data.ood_val[0]: same data as data.ood_test.far[0]"),
+    ("detectors[1].name", "MaxSoftmax", "detectors[1].name: duplicate detector name"),
+]
+
+
+@pytest.mark.parametrize("path,value,expected", CASES, ids=[c[0] + "=" + str(c[1])[:20] for c in CASES])
+def test_config_error_names_field(base, tmp_path, capsys, path, value, expected):
+    cfg = _set(copy.deepcopy(base), path, value)
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    code = main(["validate", str(cfg_file)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: " + expected), err
+    assert len(err.splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_quickstart_is_valid(capsys):
+    assert main(["validate", str(QUICKSTART)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_missing_file_and_bad_yaml(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    bad.write_text("- a list\n")
+    assert main(["validate", str(bad)]) == 2
+
+
+def test_overlap_allowed_when_marked(base):
+    cfg = copy.deepcopy(base)
+    cfg["data"]["ood_val"][0] = dict(cfg["data"]["ood_test"]["far"][0], name="same-as-test")
+    with pytest.raises(ConfigError):
+        parse_config(copy.deepcopy(cfg))
+    cfg["data"]["allow_val_test_overlap"] = True
+    assert parse_config(cfg).data.allow_val_test_overlap
+
+
+def test_tracking_uri_precedence(base, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert parse_config(copy.deepcopy(base)).resolved_tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert parse_config(copy.deepcopy(base)).resolved_tracking_uri() == "sqlite:///env.db"
+    cfg = copy.deepcopy(base)
+    cfg["tracking_uri"] = "sqlite:///cfg.db"
+    assert parse_config(cfg).resolved_tracking_uri() == "sqlite:///cfg.db"
+
+
+def test_cli_subprocess_exit_code_and_help(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("arch: small_cnn", "arch: tiny_transformer"))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(bad)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: backbones[0].arch: unknown architecture")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any MLflow work
+    helped = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0
+    for word in ("sweep", "validate", "ui", "report"):
+        assert word in helped.stdout
