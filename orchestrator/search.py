@@ -96,11 +96,14 @@ class TrialProgress(tune.Callback):
     def __init__(self, bar):
         self.bar = bar
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.bar.update(1)
+    def __getstate__(self):  # Tune checkpoints its callbacks; a terminal stream does not pickle
+        return {"bar": None}
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.bar.update(1)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    on_trial_error = on_trial_complete
 
 
 def entry_variants(search: Dict[str, Any], num_samples: int, seed: int, key: str) -> List[Dict[str, Any]]:

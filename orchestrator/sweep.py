@@ -101,7 +101,7 @@ class SweepRunner:
                 tracker.log(rid, params={"arch": bb.arch, "seed": bb.seed, "backbone_key": bb.key,
                                          **{f"params.{k}": v for k, v in bb.params.items()},
                                          **{f"train.{k}": v for k, v in bb.train.items()}},
-                            tags={"cached": r["cached"], "checkpoint_sha256": r["sha256"]},
+                            tags={"cached": str(r["cached"]).lower(), "checkpoint_sha256": r["sha256"]},
                             metrics={"train_seconds": r["seconds"]})
                 tracker.log_history(rid, r["history"])
                 if self._local(bb.checkpoint_uri):
@@ -192,7 +192,7 @@ class SweepRunner:
             _say(f"[search] {len(entries)} searches, {total} trials, selected on val_{metric} ({mode}) only")
             self._ray()
             callback = BatchedMLflowCallback(
-                tracking_uri=self.tracking_uri, experiment_name=cfg.name, tags={"stage": "trial"}, parents=runs,
+                tracking_uri=self.tracking_uri, experiment_name=cfg.name, tags={"stage": "trial", "cached": "false"}, parents=runs,
                 metric_filter=_is_metric,
             )
             with tqdm(total=total, desc="search", unit="trial", file=sys.stdout) as bar:
@@ -213,13 +213,13 @@ class SweepRunner:
             if key in cached:  # a reused search still gets its complete set of runs in this sweep
                 for i, t in enumerate(trials):
                     with tracker.run(f"trial {i:03d}", parent=runs[key],
-                                     tags={"stage": "trial", "cached": True, "backbone": bb.label,
+                                     tags={"stage": "trial", "cached": "true", "backbone": bb.label,
                                            "detector": det.label}) as rid:
                         tracker.log(rid, params=t["params"], metrics=t["metrics"])
             tracker.log(runs[key], params={**{f"fixed.{k}": v for k, v in det.params.items()},
                                            **{f"selected.{k}": v for k, v in best["params"].items()},
                                            "search_space": space, "trials": len(trials)},
-                        metrics=best["metrics"], tags={"cached": key in cached, "search_key": skey})
+                        metrics=best["metrics"], tags={"cached": str(key in cached).lower(), "search_key": skey})
             scores = load_scores(search_cache.paths(cfg.storage, skey)["scores"])
             self._figures(tracker, runs[key], f"{det.label} @ {bb.label}", scores)
             panels.setdefault(bb.label, {})[det.label] = (scores["id-test"],

@@ -1,0 +1,379 @@
+"""Feature-statistics detectors: relative Mahalanobis, class-conditional GMM, NECO, NCI, fDBD.
+
+Also holds :func:`parse_head`, the classifier-head argument shared by the head-based detectors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..api import DetectorError, FeaturesDetector, InvalidInputError
+from .mahalanobis import Mahalanobis, check_features, id_training_set
+
+Head = Union[nn.Linear, Tuple[Tensor, Optional[Tensor]], None]
+
+
+def parse_head(detector: str, head: Head) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(w (C, D), b (C,))`` as detached float32 tensors from an ``nn.Linear`` or a ``(w, b)`` tuple."""
+    if head is None:
+        return None, None
+    if isinstance(head, nn.Linear):
+        w, b = head.weight, head.bias
+    else:
+        try:
+            w, b = head
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{detector}: head must be an nn.Linear or a (w, b) tuple") from exc
+    w = torch.as_tensor(w).detach().float()
+    if w.ndim != 2:
+        raise ValueError(f"{detector}: head weights must have shape (C, D), got {tuple(w.shape)}")
+    b = torch.zeros(w.shape[0], device=w.device) if b is None else torch.as_tensor(b).detach().float()
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"{detector}: head bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+    return w, b.to(w.device)
+
+
+class HeadMixin:
+    """Holds the classifier head ``w (C, D)``, ``b (C,)`` and computes logits in the input's dtype."""
+
+    w: Optional[Tensor]
+    b: Optional[Tensor]
+
+    def _set_head(self, head: Head) -> None:
+        self.w, self.b = parse_head(type(self).__name__, head)
+
+    def _require_head(self) -> None:
+        if self.w is None:
+            raise DetectorError(f"{type(self).__name__}: needs the classifier head; pass head=nn.Linear or (w, b)")
+
+    def _head_features(self, z: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """Validated ID training features for a detector with a head (dimension must match)."""
+        self._require_head()
+        z, y = id_training_set(self, z, y)
+        if z.shape[1] != self.w.shape[1]:
+            raise InvalidInputError(
+                f"{type(self).__name__}: features have dimension {z.shape[1]}, head weights expect {self.w.shape[1]}"
+            )
+        return z, y
+
+    def logits(self, z: Tensor) -> Tensor:
+        """``z @ w.T + b`` in the dtype and on the device of ``z``."""
+        self._require_head()
+        return z @ self.w.to(device=z.device, dtype=z.dtype).T + self.b.to(device=z.device, dtype=z.dtype)
+
+
+def _whitener(cov: Tensor, rel_ridge: float, trace_floor: float) -> Tuple[Tensor, float, float]:
+    """``(L^{-1}, ridge, log det)`` of ``cov + ridge I`` with ``ridge = rel_ridge * max(tr, floor) / D`` (float64)."""
+    d = cov.shape[0]
+    cov = 0.5 * (cov + cov.T)
+    trace = max(float(torch.diagonal(cov).sum()), trace_floor)
+    ridge = rel_ridge * (trace / d if trace > 0 else 1.0)
+    cov.diagonal().add_(ridge)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:  # numerically indefinite despite the ridge: clip eigenvalues
+        evals, evecs = torch.linalg.eigh(cov)
+        chol = torch.linalg.cholesky((evecs * evals.clamp(min=ridge)) @ evecs.T)
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    whitener = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return whitener, ridge, float(2.0 * torch.diagonal(chol).log().sum())
+
+
+class RMD(Mahalanobis):
+    r"""Relative Mahalanobis distance: class-conditional minus background Gaussian.
+
+    Fit (float64): the class-conditional Gaussians with shared covariance of
+    :class:`Mahalanobis` (same relative ridge) and a background Gaussian
+    :math:`\mathcal N(\mu_0, \Sigma_0)` fitted to all ID features,
+    :math:`\Sigma_0 = \frac1N \sum_i (z_i - \mu_0)(z_i - \mu_0)^\top + \lambda_0 I`,
+    :math:`\lambda_0 = 10^{-6} \operatorname{tr}/D`. Score:
+
+    .. math:: s(x) = \min_c \big[ MD_c(z) - MD_0(z) \big] = \min_c MD_c(z) - MD_0(z)
+
+    with squared Mahalanobis distances :math:`MD`. Paper: Ren et al., "A Simple Fix to
+    Mahalanobis Distance for Improving Near-OOD Detection", arXiv:2106.09022 (2021).
+    pytorch-ood 0.4.0 uses covariances not divided by :math:`N` (ridge :math:`10^{-6}`), so its
+    score is ours :math:`/ N` up to the ridges.
+
+    :param model: optional callable returning penultimate features (for ``fit``/``predict``)
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None):
+        super().__init__(model)
+        self.background_center: Optional[Tensor] = None  #: mu_0, (D,) float64
+        self.background_whitener: Optional[Tensor] = None  #: L_0^{-1}, (D, D) float64
+
+    @torch.no_grad()
+    def fit_features(self, z: Tensor, y: Tensor) -> "RMD":
+        super().fit_features(z, y)
+        z, _ = id_training_set(self, z, y)
+        x = z.detach().double()
+        center = x.mean(dim=0)
+        x = x - center
+        cov = x.T @ x / x.shape[0]
+        self.background_whitener, _, _ = _whitener(cov, 1e-6, 1e-10 * float(torch.diagonal(cov).sum()))
+        self.background_center = center
+        return self
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        self._require_fit()
+        z = check_features(self, z, self.mu.shape[1])
+        dtype, device = z.dtype, z.device
+        w0 = (z - self.background_center.to(device=device, dtype=dtype)) @ self.background_whitener.to(
+            device=device, dtype=dtype).T
+        return self._min_distance(z) - (w0 * w0).sum(dim=1)
+
+
+class GMM(FeaturesDetector):
+    r"""Class-conditional Gaussians, each with its own covariance; negative mixture log-likelihood.
+
+    Fit (float64, per class :math:`c` with :math:`N_c` ID samples): :math:`\mu_c`,
+    :math:`\Sigma_c = \frac{1}{N_c} \sum_{i: y_i=c} (z_i - \mu_c)(z_i - \mu_c)^\top + \lambda_c I`
+    with the relative ridge :math:`\lambda_c = \text{reg} \cdot \operatorname{tr}(\Sigma_c^0) / D`
+    (trace floored at :math:`10^{-10}` of the average total variance, so single-sample / constant
+    classes stay invertible), and the prior :math:`\pi_c = N_c / N`. Score:
+
+    .. math:: s(x) = -\log \sum_c \pi_c \, \mathcal N(z \mid \mu_c, \Sigma_c)
+               = -\operatorname{logsumexp}_c \big[\log \pi_c - \tfrac12 (MD_c(z) + \log\det \Sigma_c
+                 + D \log 2\pi)\big]
+
+    A classic generative baseline (class-conditional Gaussian discriminant; e.g. Lee et al.,
+    arXiv:1807.03888, use a shared covariance). Equal to pytorch-ood 0.4.0's ``GMM`` up to its
+    absolute (not relative) ridge ``reg``. Memory: :math:`C \cdot D^2` float64 for the whiteners.
+
+    :param model: optional callable returning penultimate features (for ``fit``/``predict``)
+    :param reg: relative ridge :math:`> 0`
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {"reg": {"grid": [1e-6, 1e-4, 1e-2, 1e-1]}}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, reg: float = 1e-6):
+        super().__init__(model)
+        reg = float(reg)
+        if not (reg > 0 and math.isfinite(reg)):
+            raise ValueError(f"GMM: reg must be a positive finite number, got {reg!r}")
+        self.reg = reg
+        self.classes: Optional[Tensor] = None  #: (K,)
+        self.mu: Optional[Tensor] = None  #: (K, D) float64
+        self.whiteners: Optional[Tensor] = None  #: L_c^{-1}, (K, D, D) float64
+        self.log_norm: Optional[Tensor] = None  #: log pi_c - (log det Sigma_c + D log 2 pi) / 2, (K,) float64
+
+    @torch.no_grad()
+    def fit_features(self, z: Tensor, y: Tensor) -> "GMM":
+        z, y = id_training_set(self, z, y)
+        x = z.detach().double()
+        n, d = x.shape
+        classes, inverse = torch.unique(y, return_inverse=True)
+        floor = 1e-10 * float(((x - x.mean(dim=0)) ** 2).sum()) / n
+        mus, whiteners, log_norm = [], [], []
+        for k in range(classes.shape[0]):  # one Gaussian per class (a loop over classes, not samples)
+            xc = x[inverse == k]
+            mu = xc.mean(dim=0)
+            r = xc - mu
+            whitener, _, log_det = _whitener(r.T @ r / xc.shape[0], self.reg, floor)
+            mus.append(mu)
+            whiteners.append(whitener)
+            log_norm.append(math.log(xc.shape[0] / n) - 0.5 * (log_det + d * math.log(2 * math.pi)))
+        self.classes = classes
+        self.mu = torch.stack(mus)
+        self.whiteners = torch.stack(whiteners)
+        self.log_norm = torch.tensor(log_norm, dtype=torch.float64, device=x.device)
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        self._require_fit()
+        z = check_features(self, z, self.mu.shape[1])
+        dtype, device = z.dtype, z.device
+        mu = self.mu.to(device=device, dtype=dtype)
+        maha = torch.empty(z.shape[0], mu.shape[0], dtype=dtype, device=device)
+        for k in range(mu.shape[0]):
+            w = (z - mu[k]) @ self.whiteners[k].to(device=device, dtype=dtype).T
+            maha[:, k] = (w * w).sum(dim=1)
+        return -torch.logsumexp(self.log_norm.to(device=device, dtype=dtype) - 0.5 * maha, dim=1)
+
+
+class NECO(HeadMixin, FeaturesDetector):
+    r"""NECO: norm ratio of the principal-subspace projection of standardised features.
+
+    Fit on ID-train features: a StandardScaler (:math:`\tilde z = (z - m) / \sigma`, population
+    std; features with :math:`\sigma = 0` keep scale 1, as scikit-learn does) and a PCA of
+    :math:`\tilde z` (eigenvectors of its covariance, float64); :math:`P` = the top-:math:`d`.
+    Score (the paper's NECO is an ID score, so negated):
+
+    .. math:: s(x) = -\frac{\lVert P^\top \tilde z \rVert_2}{\lVert \tilde z \rVert_2}
+              \quad \big(\times \max_c l_c(z) \text{ with } \texttt{use\_max\_logit}\big)
+
+    The official code (github.com/MouinBenAmmar/NECO) multiplies by the max logit only for
+    ViT-like models and leaves it out for ResNets; ``use_max_logit`` needs the head.
+    A zero :math:`\tilde z` scores 0. Search grid :math:`d \in \{5, 10, 20, 50, 100\}`
+    (``1 <= d < D``, checked in ``fit``). No pytorch-ood counterpart.
+
+    Paper: Ammar et al., "NECO: NEural Collapse Based Out-of-distribution detection",
+    ICLR 2024 (arXiv:2310.06823).
+
+    :param model: optional callable returning penultimate features (for ``fit``/``predict``)
+    :param d: principal dimension
+    :param use_max_logit: multiply the ratio by the max logit of the head ``(w, b)``
+    :param head: the classifier, an ``nn.Linear`` or a ``(w (C, D), b (C,))`` tuple
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {"d": {"grid": [5, 10, 20, 50, 100]}}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, d: int = 10,
+                 use_max_logit: bool = False, head: Head = None):
+        super().__init__(model)
+        if int(d) != d or int(d) < 1:
+            raise ValueError(f"NECO: d must be a positive integer, got {d!r}")
+        self.d = int(d)
+        self.use_max_logit = bool(use_max_logit)
+        self._set_head(head)
+        self.mean: Optional[Tensor] = None  #: scaler mean, (D,) float64
+        self.std: Optional[Tensor] = None  #: scaler std (1 where constant), (D,) float64
+        self.components: Optional[Tensor] = None  #: P, (D, d) float64
+
+    @torch.no_grad()
+    def fit_features(self, z: Tensor, y: Tensor) -> "NECO":
+        if self.use_max_logit:
+            z, _ = self._head_features(z, y)
+        else:
+            z, _ = id_training_set(self, z, y)
+        dim = z.shape[1]
+        if self.d >= dim:
+            raise InvalidInputError(f"NECO: principal dimension d={self.d} must be smaller than the feature "
+                                    f"dimension D={dim}")
+        x = z.detach().double()
+        mean = x.mean(dim=0)
+        std = x.std(dim=0, unbiased=False)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        xs = (x - mean) / std
+        xs = xs - xs.mean(dim=0)
+        _, evecs = torch.linalg.eigh(xs.T @ xs / xs.shape[0])  # ascending
+        self.mean, self.std = mean, std
+        self.components = evecs[:, -self.d:].flip(1).contiguous()
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        self._require_fit()
+        z = check_features(self, z, self.mean.shape[0])
+        dtype, device = z.dtype, z.device
+        zs = (z - self.mean.to(device=device, dtype=dtype)) / self.std.to(device=device, dtype=dtype)
+        proj = (zs @ self.components.to(device=device, dtype=dtype)).norm(dim=1)
+        ratio = proj / zs.norm(dim=1).clamp(min=torch.finfo(dtype).tiny)
+        if self.use_max_logit:
+            ratio = ratio * self.logits(z).max(dim=1).values
+        return -ratio
+
+
+class NCI(HeadMixin, FeaturesDetector):
+    r"""Neural-collapse inspired: alignment of the centred feature with the predicted class's weights.
+
+    Fit: the ID-train feature mean :math:`\mu_G`. Score, with :math:`\hat c = \arg\max_c l_c(z)`:
+
+    .. math:: s(x) = -\Big(\frac{w_{\hat c}^\top (z - \mu_G)}{\lVert z - \mu_G \rVert_2}
+              + \alpha \lVert z \rVert_1\Big)
+
+    (the paper writes :math:`\cos(w_{\hat c}, z - \mu_G)`; the official code, OpenOOD and
+    pytorch-ood leave out :math:`\lVert w_{\hat c} \rVert`, and so do we). Search grid
+    :math:`\alpha \in \{10^{-4}, 10^{-3}, 10^{-2}, 0.1\}` (OpenOOD). Equal to pytorch-ood 0.4.0.
+
+    Paper: Liu & Qin, "Detecting Out-of-distribution through the Lens of Neural Collapse",
+    CVPR 2025 (arXiv:2311.01479).
+
+    :param model: optional callable returning penultimate features (for ``fit``/``predict``)
+    :param head: the classifier, an ``nn.Linear`` or a ``(w (C, D), b (C,))`` tuple
+    :param alpha: weight of the L1 feature-norm term (>= 0)
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {"alpha": {"grid": [1e-4, 1e-3, 1e-2, 0.1]}}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, head: Head = None, alpha: float = 1e-4):
+        super().__init__(model)
+        alpha = float(alpha)
+        if not (alpha >= 0 and math.isfinite(alpha)):
+            raise ValueError(f"NCI: alpha must be a finite number >= 0, got {alpha!r}")
+        self.alpha = alpha
+        self._set_head(head)
+        self.center: Optional[Tensor] = None  #: mu_G, (D,)
+
+    @torch.no_grad()
+    def fit_features(self, z: Tensor, y: Tensor) -> "NCI":
+        z, _ = self._head_features(z, y)
+        self.center = z.detach().double().mean(dim=0)
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        self._require_fit()
+        z = check_features(self, z, self.w.shape[1])
+        dtype, device = z.dtype, z.device
+        centred = z - self.center.to(device=device, dtype=dtype)
+        w = self.w.to(device=device, dtype=dtype)[self.logits(z).argmax(dim=1)]
+        align = (w * centred).sum(dim=1) / centred.norm(dim=1).clamp(min=torch.finfo(dtype).tiny)
+        return -(align + self.alpha * z.abs().sum(dim=1))
+
+
+class fDBD(HeadMixin, FeaturesDetector):  # noqa: N801 - the paper's spelling
+    r"""Fast decision-boundary distance, normalised by the distance to the ID mean.
+
+    Fit: the ID-train feature mean :math:`\mu`. Score, with :math:`\hat c = \arg\max_c l_c(z)`:
+
+    .. math:: s(x) = -\frac{1}{C - 1} \sum_{c \ne \hat c}
+              \frac{l_{\hat c}(z) - l_c(z)}{\lVert w_{\hat c} - w_c \rVert_2 \, \lVert z - \mu \rVert_2}
+
+    i.e. the mean distance from :math:`z` to the decision boundaries of the predicted class
+    (closed form for a linear head) over the distance to the mean. Pairs with
+    :math:`w_{\hat c} = w_c` (no boundary) contribute 0; :math:`\lVert z - \mu\rVert` is clamped
+    at :math:`10^{-8}`. Hyperparameter-free. Equal to pytorch-ood 0.4.0.
+
+    Paper: Liu & Qin, "Fast Decision Boundary based Out-of-Distribution Detector", ICML 2024
+    (arXiv:2312.11536).
+
+    :param model: optional callable returning penultimate features (for ``fit``/``predict``)
+    :param head: the classifier, an ``nn.Linear`` or a ``(w (C, D), b (C,))`` tuple
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, head: Head = None):
+        super().__init__(model)
+        self._set_head(head)
+        self.center: Optional[Tensor] = None  #: mu, (D,) float64
+        self.inv_gaps: Optional[Tensor] = None  #: 1 / ||w_i - w_j|| (0 on the diagonal / equal rows), (C, C)
+
+    @torch.no_grad()
+    def fit_features(self, z: Tensor, y: Tensor) -> "fDBD":
+        z, _ = self._head_features(z, y)
+        self.center = z.detach().double().mean(dim=0)
+        w = self.w.to(z.device).double()
+        gaps = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")  # exact, no cancellation
+        self.inv_gaps = torch.where(gaps > 0, 1.0 / gaps, torch.zeros_like(gaps)).fill_diagonal_(0.0)
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        self._require_fit()
+        z = check_features(self, z, self.w.shape[1])
+        dtype, device = z.dtype, z.device
+        logits = self.logits(z)
+        top, pred = logits.max(dim=1)
+        n_classes = logits.shape[1]
+        inv = self.inv_gaps.to(device=device, dtype=dtype)[pred]
+        dist = ((top[:, None] - logits) * inv).sum(dim=1) / max(n_classes - 1, 1)
+        norm = (z - self.center.to(device=device, dtype=dtype)).norm(dim=1).clamp(min=1e-8)
+        return -dist / norm

@@ -1,0 +1,288 @@
+"""Probability-based detectors on logits: temperature scaling, KL matching, entropy, GEN, weighted energy.
+
+OpenMax, the other probability-based detector, lives in :mod:`.openmax`.
+
+All score a batch of logits ``(N, C)`` (higher = more OOD) on the device of the input; each
+sample's score depends only on that sample and the fitted state (never on the batch).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..api import InvalidInputError, LogitsDetector, check_input
+from .logits import MaxSoftmax, _positive
+from .mahalanobis import id_training_set
+
+
+def _fit_logits(detector, logits, y) -> Tuple[Tensor, Tensor]:
+    """Validated ID training logits and labels (labels < 0 dropped; labels must index a logit)."""
+    logits, y = id_training_set(detector, logits, y, name="logits")
+    if int(y.max()) >= logits.shape[1]:
+        raise InvalidInputError(
+            f"{type(detector).__name__}: labels must be < the number of classes C={logits.shape[1]}, "
+            f"got label {int(y.max())}"
+        )
+    return logits, y
+
+
+def _check_logits(detector, logits, n_classes: Optional[int] = None) -> Tensor:
+    logits = check_input(detector, logits, ndim=2, name="logits")
+    if n_classes is not None and logits.shape[1] != n_classes:
+        raise InvalidInputError(
+            f"{type(detector).__name__}: logits have {logits.shape[1]} classes, but the detector was "
+            f"fitted / built for {n_classes}"
+        )
+    return logits
+
+
+class TemperatureScaling(LogitsDetector):
+    r"""Maximum softmax probability at the temperature that calibrates the ID logits.
+
+    Fit: :math:`T^\ast = \arg\min_T -\frac1N \sum_i \log \operatorname{softmax}(f(x_i)/T)_{y_i}`
+    (negative log-likelihood of the ID labels), by L-BFGS with a strong-Wolfe line search on
+    :math:`\log T` in float64, with :math:`T` kept in ``[1e-2, 1e3]``.
+    Score: :math:`s(x) = -\max_y \operatorname{softmax}(f(x)/T^\ast)_y`.
+
+    Fit on held-out ID data where possible: on the training set of a network that separates it,
+    the NLL decreases monotonically as :math:`T \to 0` and :math:`T^\ast` ends at the lower bound.
+
+    Paper: Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (arXiv:1706.04599).
+    pytorch-ood 0.4.0 runs 50 L-BFGS iterations of step 0.01 on :math:`T` itself (approximate
+    optimum); ours converges to the optimum, so its :math:`T` (and scores) can differ.
+
+    :param model: optional callable returning logits (for ``fit``/``predict``)
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {}
+    T_MIN, T_MAX = 1e-2, 1e3
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None):
+        super().__init__(model)
+        self.t: Optional[float] = None  #: fitted temperature
+        self.nll: Optional[float] = None  #: ID NLL at the fitted temperature
+
+    def fit_logits(self, logits: Tensor, y: Tensor) -> "TemperatureScaling":
+        logits, y = _fit_logits(self, logits, y)
+        lo, hi = math.log(self.T_MIN), math.log(self.T_MAX)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = logits.detach().to(torch.float64).clone()
+            y = y.clone()
+            theta = torch.zeros((), dtype=torch.float64, device=x.device, requires_grad=True)
+            opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-14,
+                                    line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(x / theta.clamp(lo, hi).exp(), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            theta = float(theta.detach().clamp(lo, hi)) if torch.isfinite(theta) else 0.0
+            self.t = math.exp(theta)
+            self.nll = float(F.cross_entropy(x / self.t, y))
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_logits(self, logits: Tensor) -> Tensor:
+        self._require_fit()
+        return MaxSoftmax.score(_check_logits(self, logits), self.t)
+
+
+class KLMatching(LogitsDetector):
+    r"""KL divergence of the posterior to the closest typical posterior of a predicted class.
+
+    Fit (no labels needed; labels < 0 drop rows): for each class :math:`k` predicted for at least
+    one ID sample, the template :math:`d_k = \operatorname{mean}_{i: \arg\max p(x_i) = k} p(x_i)`
+    with :math:`p = \operatorname{softmax}(f)` (float64). Score:
+
+    .. math:: s(x) = \min_k D_{KL}\big[p(x) \,\Vert\, d_k\big]
+                   = \min_k \sum_y p_y(x) \big(\log p_y(x) - \log d_{k,y}\big)
+
+    (the paper's and pytorch-ood's direction: the test posterior first), with
+    :math:`\log p` from ``log_softmax`` and :math:`\log d_{k,y}` floored at the log of the
+    smallest normal number of the input dtype (a zero template entry gives a large, finite term).
+
+    Paper: Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings",
+    ICML 2022 (arXiv:1911.11132). Equal to pytorch-ood 0.4.0 up to float rounding.
+
+    :param model: optional callable returning logits (for ``fit``/``predict``)
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None):
+        super().__init__(model)
+        self.templates: Optional[Tensor] = None  #: typical posteriors d_k, (K, C) float64
+        self.template_classes: Optional[Tensor] = None  #: predicted class k of each template, (K,)
+
+    @torch.no_grad()
+    def fit_logits(self, logits: Tensor, y: Tensor) -> "KLMatching":
+        logits, _ = id_training_set(self, logits, y, name="logits")
+        p = torch.softmax(logits.detach().double(), dim=1)
+        pred = p.argmax(dim=1)
+        n_classes = p.shape[1]
+        sums = torch.zeros(n_classes, n_classes, dtype=p.dtype, device=p.device).index_add_(0, pred, p)
+        counts = torch.bincount(pred, minlength=n_classes)
+        present = counts > 0
+        self.templates = sums[present] / counts[present, None].to(p.dtype)
+        self.template_classes = present.nonzero().flatten()
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_logits(self, logits: Tensor) -> Tensor:
+        self._require_fit()
+        logits = _check_logits(self, logits, self.templates.shape[1])
+        dtype = logits.dtype
+        floor = math.log(torch.finfo(dtype).tiny)
+        log_d = self.templates.to(logits.device).log().clamp(min=floor).to(dtype)
+        log_p = torch.log_softmax(logits, dim=1)
+        p = log_p.exp()
+        kl = (p * log_p).sum(dim=1, keepdim=True) - p @ log_d.T
+        return kl.min(dim=1).values
+
+
+class Entropy(LogitsDetector):
+    r"""Shannon entropy of the softmax posterior.
+
+    .. math:: s(x) = H(p(x)) = -\sum_{y=1}^C p_y \log p_y, \qquad p = \operatorname{softmax}(f(x))
+
+    computed as :math:`-\sum_y p_y \operatorname{log\_softmax}(f)_y` (exact also for
+    :math:`p_y \to 0`; pytorch-ood 0.4.0 clips :math:`p` to :math:`[10^{-7}, 1]`, a difference
+    below :math:`1.7 \cdot 10^{-6}` per clipped class).
+
+    Paper: the classic uncertainty baseline; as OOD score e.g. Chan et al., "Entropy Maximization
+    and Meta Classification for Out-of-Distribution Detection in Semantic Segmentation",
+    ICCV 2021 (arXiv:2012.06575).
+
+    :param model: optional callable returning logits (for ``predict(x)``)
+    """
+
+    requires_fit: ClassVar[bool] = False
+    default_search_space: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None):
+        super().__init__(model)
+
+    @staticmethod
+    def score(logits: Tensor) -> Tensor:
+        log_p = torch.log_softmax(logits, dim=1)
+        return -(log_p.exp() * log_p).sum(dim=1)
+
+    @torch.no_grad()
+    def predict_logits(self, logits: Tensor) -> Tensor:
+        return self.score(_check_logits(self, logits))
+
+
+class GEN(LogitsDetector):
+    r"""Generalized entropy of the top-:math:`M` softmax probabilities.
+
+    .. math:: s(x) = G_\gamma(p) = \sum_{j=1}^{M} p_{(j)}^\gamma \, (1 - p_{(j)})^\gamma
+
+    where :math:`p_{(1)} \ge p_{(2)} \ge \dots` are the sorted probabilities of
+    :math:`\operatorname{softmax}(f(x))`, :math:`M` is clipped to the number of classes
+    :math:`C` at predict time (``M=None``: all classes), and :math:`0 < \gamma`. The
+    :math:`1 - p_{(1)}` of the top class is computed as the sum of the other probabilities, so
+    confident samples keep distinct scores in float32 (no clamping needed).
+
+    Paper: Liu, Lochman & Zach, "GEN: Pushing the Limits of Softmax-Based Out-of-Distribution
+    Detection", CVPR 2023 (openaccess.thecvf.com; no arXiv). Search grid from OpenOOD:
+    :math:`\gamma \in \{0.01, \dots, 10\}`, :math:`M \in \{10, \dots, 1000\}`. pytorch-ood 0.4.0
+    averages instead of summing (a factor :math:`1/\min(M, C)`) and clamps :math:`p` to
+    :math:`[10^{-7}, 1 - 10^{-7}]`.
+
+    :param model: optional callable returning logits (for ``predict(x)``)
+    :param gamma: exponent :math:`\gamma > 0`
+    :param M: number of largest probabilities summed (``None`` = all classes)
+    """
+
+    requires_fit: ClassVar[bool] = False
+    default_search_space: ClassVar[Dict[str, Any]] = {
+        "gamma": {"grid": [0.01, 0.1, 0.5, 1, 2, 5, 10]},
+        "M": {"grid": [10, 50, 100, 200, 500, 1000]},
+    }
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, gamma: float = 0.1,
+                 M: Optional[int] = None):
+        super().__init__(model)
+        self.gamma = _positive("GEN", "gamma", gamma)
+        if M is not None and (int(M) != M or int(M) < 1):
+            raise ValueError(f"GEN: M must be a positive integer or None, got {M!r}")
+        self.M = None if M is None else int(M)
+
+    @staticmethod
+    def score(logits: Tensor, gamma: float = 0.1, M: Optional[int] = None) -> Tensor:
+        p = torch.softmax(logits, dim=1)
+        m = p.shape[1] if M is None else min(M, p.shape[1])
+        top, idx = p.topk(m, dim=1)
+        one_minus = 1.0 - top
+        if m > 0:
+            others = p.scatter(1, idx[:, :1], 0.0).sum(dim=1)  # 1 - p_(1) without cancellation
+            one_minus[:, 0] = others
+        return (top.pow(gamma) * one_minus.pow(gamma)).sum(dim=1)
+
+    @torch.no_grad()
+    def predict_logits(self, logits: Tensor) -> Tensor:
+        return self.score(_check_logits(self, logits), self.gamma, self.M)
+
+
+class WeightedEBO(LogitsDetector):
+    r"""Energy of the logits with per-class weights.
+
+    .. math:: s(x) = -\log \sum_{c=1}^C \max(w_c, 0)\, e^{f_c(x)}
+                   = -\operatorname{logsumexp}_c \big(f_c(x) + \log \max(w_c, 0)\big)
+
+    (the second form is computed; classes with :math:`w_c \le 0` drop out). With ``weights``
+    given (e.g. VOS's learned ``weight_energy`` layer) nothing is fitted; with ``weights=None``
+    the weights are fitted as the ID class frequencies :math:`w_c = N_c / N`, i.e. the energy
+    of a class-prior weighted mixture (our choice: VOS learns them jointly with the network).
+
+    Paper: Du et al., "VOS: Learning What You Don't Know by Virtual Outlier Synthesis",
+    ICLR 2022 (arXiv:2202.01197). Equal to pytorch-ood 0.4.0 (which computes
+    :math:`\log\sum w_c e^{f_c}` directly, overflowing for logits > 88 in float32).
+
+    :param model: optional callable returning logits (for ``fit``/``predict``)
+    :param weights: class weights ``(C,)`` (negative entries count as 0), or ``None`` to fit
+    """
+
+    requires_fit: bool = True
+    default_search_space: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None,
+                 weights: Optional[Sequence[float]] = None):
+        super().__init__(model)
+        self.weights: Optional[Tensor] = None  #: class weights (C,) float64, clipped at 0
+        if weights is not None:
+            w = torch.as_tensor(weights).detach().to(torch.float64).reshape(-1)
+            if w.numel() == 0 or not bool(torch.isfinite(w).all()) or not bool((w > 0).any()):
+                raise ValueError("WeightedEBO: weights must be finite with at least one positive entry")
+            self.weights = w.clamp(min=0)
+        self.requires_fit = weights is None
+
+    @torch.no_grad()
+    def fit_logits(self, logits: Tensor, y: Tensor) -> "WeightedEBO":
+        if not self.requires_fit:
+            _check_logits(self, logits, self.weights.shape[0])
+            self._mark_fitted()
+            return self
+        logits, y = _fit_logits(self, logits, y)
+        counts = torch.bincount(y, minlength=logits.shape[1]).to(torch.float64)
+        self.weights = counts / counts.sum()
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_logits(self, logits: Tensor) -> Tensor:
+        self._require_fit()
+        logits = _check_logits(self, logits, self.weights.shape[0])
+        log_w = self.weights.to(logits.device).log().to(logits.dtype)
+        return -torch.logsumexp(logits + log_w, dim=1)
