@@ -129,3 +129,32 @@ def test_second_run_reuses_everything_and_changed_search_recomputes_only_itself(
     client, runs = _runs(cfg.tracking_uri, "e2e")
     assert sum(r.data.tags.get("stage") == "sweep" for r in runs) == 3
     assert sum(r.data.tags.get("stage") == "train" and r.data.tags.get("cached") == "true" for r in runs) == 2
+
+
+def test_report_prints_latest_table(first_sweep, capsys):
+    from orchestrator.cli import main
+
+    tmp_path, raw, _, rows = first_sweep
+    cfg_file = tmp_path / "e2e.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["report", str(cfg_file)]) == 0
+    out = capsys.readouterr().out
+    for det in ("MaxSoftmax", "EnergyBased", "Mahalanobis", "ReAct"):
+        assert det in out
+    assert "ID test accuracy" in out
+
+
+def test_ui_serves_the_sweep_store_on_localhost(first_sweep, monkeypatch):
+    from orchestrator import cli
+
+    tmp_path, raw, _, _ = first_sweep
+    cfg_file = tmp_path / "e2e.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    seen = {}
+    monkeypatch.setattr(cli.os, "execv", lambda exe, argv: seen.update(argv=argv))
+    assert cli.main(["ui", str(cfg_file), "--port", "5123"]) == 0
+    argv = seen["argv"]
+    assert argv[1:4] == ["-m", "mlflow", "ui"]
+    assert argv[argv.index("--backend-store-uri") + 1] == raw["tracking_uri"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"

@@ -1,0 +1,196 @@
+"""Detectors that compare with stored ID patterns through the classifier head: NNGuide, SHE, DICE."""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ..api import FeaturesDetector, InvalidInputError
+from .feature_stats import Head, HeadMixin
+from .logits import LOGIT_SCORES
+from .mahalanobis import check_features
+from .react import percentile
+
+#: upper bound on the elements of one (test chunk x bank) similarity block
+CHUNK_ELEMENTS = 1 << 24
+
+
+class NNGuide(HeadMixin, FeaturesDetector):
+    r"""Nearest-neighbour guidance: energy scaled by the similarity to a confidence-weighted ID bank.
+
+    Fit: the bank :math:`B = \{ E(z_i)\, \hat z_i \}` of ID-train features,
+    :math:`\hat z = z / \lVert z \rVert_2`, each scaled by its confidence
+    :math:`E(z) = \log \sum_c e^{l_c(z)}` (negative energy of the head's logits). Score:
+
+    .. math:: s(x) = -\underbrace{\frac1k \sum_{b \in \mathcal N_k(x)} \hat z^\top b}_{\text{guidance}}
+              \cdot E(z)
+
+    where :math:`\mathcal N_k(x)` are the :math:`k` bank entries with the largest inner product
+    :math:`\hat z^\top b` (exact search by chunked matmul, at most ``CHUNK_ELEMENTS`` test x bank
+    entries at a time; memory bounded for any number of test samples). The paper builds the bank
+    from a random subset of the training set (1% for ImageNet): fit on a subset to do so.
+    Equal to pytorch-ood 0.4.0 and the official code (github.com/roomo7time/nnguide).
+
+    Paper: Park et al., "Nearest Neighbor Guidance for Out-of-Distribution Detection",
+    ICCV 2023 (arXiv:2309.14888).
+
+    :param model: optional callable returning penultimate features (for ``fit``/``predict``)
+    :param head: the classifier, an ``nn.Linear`` or a ``(w (C, D), b (C,))`` tuple
+    :param k: number of neighbours, ``1 <= k <= N_bank`` (checked in ``fit``)
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {"k": {"grid": [1, 10, 50, 100, 500]}}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, head: Head = None, k: int = 10):
+        super().__init__(model)
+        if int(k) != k or int(k) < 1:
+            raise ValueError(f"NNGuide: k must be a positive integer, got {k!r}")
+        self.k = int(k)
+        self._set_head(head)
+        self.bank: Optional[Tensor] = None  #: confidence-scaled normalised ID features, (N, D)
+
+    @staticmethod
+    def _normalise(z: Tensor) -> Tensor:
+        return z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+    @torch.no_grad()
+    def fit_features(self, z: Tensor, y: Tensor) -> "NNGuide":
+        z, _ = self._head_features(z, y)
+        if self.k > z.shape[0]:
+            raise InvalidInputError(f"NNGuide: k={self.k} exceeds the number of ID training samples ({z.shape[0]})")
+        z = z.detach()
+        self.bank = (self._normalise(z) * torch.logsumexp(self.logits(z), dim=1, keepdim=True)).contiguous()
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        self._require_fit()
+        z = check_features(self, z, self.w.shape[1])
+        dtype, device = z.dtype, z.device
+        bank = self.bank.to(device=device, dtype=dtype)
+        q = self._normalise(z)
+        rows = max(1, CHUNK_ELEMENTS // max(bank.shape[0], 1))
+        guidance = torch.empty(z.shape[0], dtype=dtype, device=device)
+        for start in range(0, z.shape[0], rows):
+            sims = q[start : start + rows] @ bank.T
+            guidance[start : start + rows] = sims.topk(self.k, dim=1).values.mean(dim=1)
+        return -guidance * torch.logsumexp(self.logits(z), dim=1)
+
+
+class SHE(HeadMixin, FeaturesDetector):
+    r"""Simplified Hopfield energy: inner product with the stored pattern of the predicted class.
+
+    Fit: the pattern :math:`S_c` = mean ID-train feature of the samples of class :math:`c`
+    that the head classifies correctly (a class without any correct sample falls back to the
+    mean of all its samples; a class without samples gets :math:`S_c = 0`). Score, with
+    :math:`\hat c = \arg\max_c l_c(z)`:
+
+    .. math:: s(x) = -z^\top S_{\hat c}
+
+    Paper: Zhang et al., "Out-of-Distribution Detection based on In-Distribution Data Patterns
+    Memorization with Modern Hopfield Energy", ICLR 2023 (openreview.net/forum?id=KkazG4lgKL;
+    no arXiv). Equal to pytorch-ood 0.4.0 (which raises for classes without correct samples).
+
+    :param model: optional callable returning penultimate features (for ``fit``/``predict``)
+    :param head: the classifier, an ``nn.Linear`` or a ``(w (C, D), b (C,))`` tuple
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, head: Head = None):
+        super().__init__(model)
+        self._set_head(head)
+        self.patterns: Optional[Tensor] = None  #: S_c, (C, D) float64
+
+    @torch.no_grad()
+    def fit_features(self, z: Tensor, y: Tensor) -> "SHE":
+        z, y = self._head_features(z, y)
+        n_classes = self.w.shape[0]
+        if int(y.max()) >= n_classes:
+            raise InvalidInputError(f"SHE: labels must be < the number of classes of the head ({n_classes}), "
+                                    f"got label {int(y.max())}")
+        x = z.detach().double()
+        correct = (self.logits(z.detach()).argmax(dim=1) == y).double()
+
+        def class_means(weight: Tensor):
+            sums = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device)
+            sums.index_add_(0, y, x * weight[:, None])
+            counts = torch.zeros(n_classes, dtype=x.dtype, device=x.device).index_add_(0, y, weight)
+            return sums / counts.clamp(min=1)[:, None], counts
+
+        patterns, counts = class_means(correct)
+        fallback, _ = class_means(torch.ones_like(correct))
+        self.patterns = torch.where((counts > 0)[:, None], patterns, fallback)
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        self._require_fit()
+        z = check_features(self, z, self.w.shape[1])
+        patterns = self.patterns.to(device=z.device, dtype=z.dtype)
+        return -(z * patterns[self.logits(z).argmax(dim=1)]).sum(dim=1)
+
+
+class DICE(HeadMixin, FeaturesDetector):
+    r"""DICE: energy of the logits of a sparsified head.
+
+    Fit: the mean ID-train feature :math:`\bar z` (float64), the contributions
+    :math:`V_{cj} = \bar z_j W_{cj}`, and the threshold :math:`\tau` = the ``p``-th percentile
+    (percent, numpy's linear interpolation) of all :math:`V_{cj}`; the head keeps the weights
+    with :math:`V_{cj} > \tau` (the top :math:`(100 - p)\%` contributions):
+    :math:`\tilde W = W \odot \mathbb 1[V > \tau]`. Score:
+
+    .. math:: s(x) = S(\tilde W z + b), \qquad S = \text{energy: } -\log\sum_c e^{l_c}
+              \;|\; \text{msp} \;|\; \text{maxlogit (as in ReAct)}
+
+    Search grid :math:`p \in \{10, 30, 50, 70, 90\}` (the paper and OpenOOD, in percent).
+    pytorch-ood 0.4.0 takes ``p`` as a fraction in [0, 1]; otherwise equal.
+
+    Paper: Sun & Li, "DICE: Leveraging Sparsification for Out-of-Distribution Detection",
+    ECCV 2022 (arXiv:2111.09805).
+
+    :param model: optional callable returning penultimate features (for ``fit``/``predict``)
+    :param head: the classifier, an ``nn.Linear`` or a ``(w (C, D), b (C,))`` tuple
+    :param p: sparsity, percentile in [0, 100) of the contributions that are dropped
+    :param detector: scoring of the sparsified logits: ``"energy"``, ``"msp"`` or ``"maxlogit"``
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {"p": {"grid": [10, 30, 50, 70, 90]}}
+
+    def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, head: Head = None, p: float = 90.0,
+                 detector: str = "energy"):
+        super().__init__(model)
+        p = float(p)
+        if not 0 <= p < 100:
+            raise ValueError(f"DICE: p must be a percentile in [0, 100) (percent), got {p!r}")
+        key = str(detector).lower()
+        if key not in LOGIT_SCORES:
+            raise ValueError(f"DICE: detector must be one of {sorted(LOGIT_SCORES)}, got {detector!r}")
+        self.p, self.detector = p, key
+        self._set_head(head)
+        self.threshold: Optional[float] = None
+        self.masked_w: Optional[Tensor] = None  #: sparsified head weights, (C, D)
+
+    @torch.no_grad()
+    def fit_features(self, z: Tensor, y: Tensor) -> "DICE":
+        z, _ = self._head_features(z, y)
+        w = self.w.to(z.device)
+        contrib = z.detach().double().mean(dim=0)[None, :] * w.double()
+        self.threshold = percentile(contrib, self.p)
+        self.masked_w = torch.where(contrib > self.threshold, w, torch.zeros_like(w))
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        self._require_fit()
+        z = check_features(self, z, self.w.shape[1])
+        dtype, device = z.dtype, z.device
+        logits = z @ self.masked_w.to(device=device, dtype=dtype).T + self.b.to(device=device, dtype=dtype)
+        return LOGIT_SCORES[self.detector](logits)
