@@ -73,7 +73,7 @@ class TrainSection(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "cosine_epoch", "constant"] = "cosine"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     amp: bool = True
     num_workers: int = Field(0, ge=0)

@@ -19,7 +19,7 @@ from orchestrator.config import BackboneConfig, DataSetConfig, SweepConfig
 from orchestrator.errors import ConfigError
 
 #: bump when training / extraction code changes what a stage produces
-TRAIN_VERSION = 1
+TRAIN_VERSION = 2  # 2: initial weights seeded from the backbone seed
 EXTRACT_VERSION = 1
 
 

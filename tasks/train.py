@@ -34,7 +34,7 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
     train_set = load_dataset(id_data["dataset"], split="train", fmt=f, seed=id_data["seed"], **id_data["params"])
     val_set = load_dataset(id_data["dataset"], split="val", fmt=f, seed=id_data["seed"], **id_data["params"])
     model = build_model(backbone["arch"], num_classes=num_classes, in_channels=f.channels, image_size=f.image_size,
-                        **backbone["params"])
+                        seed=backbone["seed"], **backbone["params"])
     cfg = TrainConfig(**backbone["train"])
 
     from ray.experimental.tqdm_ray import tqdm

@@ -2,7 +2,15 @@
 from .knn import KNN
 from .logits import EnergyBased, MaxLogit, MaxSoftmax
 from .mahalanobis import Mahalanobis
+from .feature_stats import GMM, NCI, NECO, RMD, fDBD
+from .neighbours import DICE, SHE, NNGuide
+from .openmax import OpenMax
+from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
+from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
+from .multilayer import Gram, LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
+from .nac import NACUE
 from .react import ReAct
+from .shaping import ASH, SCALE, VRA, RankFeat
 from .registry import (
     REGISTRY,
     DetectorSpec,
@@ -23,6 +31,34 @@ __all__ = [
     "ViM",
     "KNN",
     "ReAct",
+    "ASH",
+    "SCALE",
+    "VRA",
+    "RankFeat",
+    "MultiMahalanobis",
+    "LayerEnergy",
+    "LayerEnergyAggregate",
+    "Gram",
+    "NACUE",
+    "ODIN",
+    "GradNorm",
+    "GradNormKL",
+    "MCD",
+    "MahalanobisPreprocessed",
+    "TemperatureScaling",
+    "KLMatching",
+    "Entropy",
+    "GEN",
+    "OpenMax",
+    "WeightedEBO",
+    "RMD",
+    "GMM",
+    "NECO",
+    "NCI",
+    "fDBD",
+    "NNGuide",
+    "SHE",
+    "DICE",
     "REGISTRY",
     "DetectorSpec",
     "build_detector",

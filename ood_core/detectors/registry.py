@@ -25,7 +25,15 @@ from ..api import Detector
 from .knn import KNN
 from .logits import EnergyBased, MaxLogit, MaxSoftmax
 from .mahalanobis import Mahalanobis
+from .feature_stats import GMM, NCI, NECO, RMD, fDBD
+from .neighbours import DICE, SHE, NNGuide
+from .openmax import OpenMax
+from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
+from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
+from .multilayer import Gram, LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
+from .nac import NACUE
 from .react import ReAct
+from .shaping import ASH, SCALE, VRA, RankFeat
 from .vim import ViM
 
 REPRESENTATIONS = ("logits", "features", "feature_maps", "layers", "model")
@@ -71,6 +79,38 @@ for _spec in (
     DetectorSpec("ViM", ViM, "features", needs_head=True),
     DetectorSpec("KNN", KNN, "features"),
     DetectorSpec("ReAct", ReAct, "features", needs_head=True),
+    DetectorSpec("ASH", ASH, "features", needs_head=True),
+    DetectorSpec("SCALE", SCALE, "features", needs_head=True),
+    DetectorSpec("VRA", VRA, "features", needs_head=True),
+    DetectorSpec("RankFeat", RankFeat, "feature_maps", needs_head=True),
+    DetectorSpec("MultiMahalanobis", MultiMahalanobis, "layers"),
+    DetectorSpec("LayerEnergy", LayerEnergy, "layers"),
+    DetectorSpec("LayerEnergyAggregate", LayerEnergyAggregate, "layers"),
+    DetectorSpec("Gram", Gram, "layers"),
+    DetectorSpec("NACUE", NACUE, "model"),
+    DetectorSpec("ODIN", ODIN, "model"),
+    DetectorSpec("GradNorm", GradNorm, "model"),
+    DetectorSpec("GradNormKL", GradNormKL, "model"),
+    DetectorSpec("MCD", MCD, "model"),
+    DetectorSpec("MahalanobisPreprocessed", MahalanobisPreprocessed, "model"),
+):
+    register(_spec)
+
+for _spec in (  # probability / feature-statistics / neighbour detectors
+    DetectorSpec("TemperatureScaling", TemperatureScaling, "logits"),
+    DetectorSpec("KLMatching", KLMatching, "logits"),
+    DetectorSpec("Entropy", Entropy, "logits"),
+    DetectorSpec("GEN", GEN, "logits"),
+    DetectorSpec("OpenMax", OpenMax, "logits"),
+    DetectorSpec("WeightedEBO", WeightedEBO, "logits"),
+    DetectorSpec("RMD", RMD, "features"),
+    DetectorSpec("GMM", GMM, "features"),
+    DetectorSpec("NECO", NECO, "features", needs_head=True),
+    DetectorSpec("NCI", NCI, "features", needs_head=True),
+    DetectorSpec("fDBD", fDBD, "features", needs_head=True),
+    DetectorSpec("NNGuide", NNGuide, "features", needs_head=True),
+    DetectorSpec("SHE", SHE, "features", needs_head=True),
+    DetectorSpec("DICE", DICE, "features", needs_head=True),
 ):
     register(_spec)
 
