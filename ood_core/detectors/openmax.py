@@ -11,7 +11,7 @@ from ..api import LogitsDetector
 from .probability import _check_logits, _fit_logits
 
 
-def weibull_mle(x: Tensor, mask: Tensor, iters: int = 80) -> Tuple[Tensor, Tensor]:
+def weibull_mle(x: Tensor, mask: Tensor, iters: int = 60) -> Tuple[Tensor, Tensor]:
     r"""Maximum-likelihood shape :math:`k` and scale :math:`\lambda` of a 2-parameter Weibull per row.
 
     ``x`` ``(R, T)`` positive values, ``mask`` ``(R, T)`` the valid entries (at least one per row).

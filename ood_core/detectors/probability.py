@@ -49,7 +49,8 @@ class TemperatureScaling(LogitsDetector):
     Score: :math:`s(x) = -\max_y \operatorname{softmax}(f(x)/T^\ast)_y`.
 
     Fit on held-out ID data where possible: on the training set of a network that separates it,
-    the NLL decreases monotonically as :math:`T \to 0` and :math:`T^\ast` ends at the lower bound.
+    the NLL decreases monotonically as :math:`T \to 0`, and :math:`T^\ast` ends where it is flat
+    at ~0 (small :math:`T`, many tied scores) or at the lower bound.
 
     Paper: Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (arXiv:1706.04599).
     pytorch-ood 0.4.0 runs 50 L-BFGS iterations of step 0.01 on :math:`T` itself (approximate
@@ -74,7 +75,7 @@ class TemperatureScaling(LogitsDetector):
             x = logits.detach().to(torch.float64).clone()
             y = y.clone()
             theta = torch.zeros((), dtype=torch.float64, device=x.device, requires_grad=True)
-            opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-14,
+            opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=50, tolerance_grad=1e-9, tolerance_change=1e-12,
                                     line_search_fn="strong_wolfe")
 
             def closure():
