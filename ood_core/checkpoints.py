@@ -8,6 +8,12 @@ written, which callers record (content addressing, cache keys) and pass back to
 so a checkpoint cannot run code. Every problem a user can cause (missing file, corrupt or
 foreign file, hash mismatch, checkpoint of another architecture) raises
 :class:`CheckpointError` with a message naming the file.
+
+:func:`load_user_checkpoint` loads a checkpoint a user brings (ours, or a plain ``state_dict``
+as OpenOOD, torchvision and most training scripts save it, possibly wrapped in
+``{"state_dict": ...}`` / ``{"model": ...}`` / ``{"net": ...}``, with ``module.`` prefixes from
+``DataParallel`` and ``fc.`` / ``linear.`` / ``classifier.`` naming the classifier) into a built
+model, strictly, and returns the file's sha256.
 """
 from __future__ import annotations
 
@@ -122,3 +128,87 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, sourc
     except RuntimeError as exc:
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: {exc}") from exc
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints users bring
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "state", "weights")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+_HEAD_ALIASES = ("fc.", "linear.", "classifier.")
+
+
+def _tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in obj.items())
+
+
+def _unwrap(payload: Any, uri: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        state, meta = payload.get("state_dict"), payload.get("meta")
+        if not _tensor_dict(state) or not isinstance(meta, dict):
+            raise CheckpointError(f"checkpoint {uri} is malformed (state_dict / meta missing)")
+        return state, meta
+    if _tensor_dict(payload):
+        return payload, {}
+    if isinstance(payload, dict):
+        for key in _WRAPPER_KEYS:
+            if _tensor_dict(payload.get(key)):
+                return payload[key], {}
+    raise CheckpointError(f"{uri} holds no state dict (expected a dict of tensors, or one under "
+                          f"{', '.join(_WRAPPER_KEYS)})")
+
+
+def _rename(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map foreign key names onto the model's: strip DataParallel / compile prefixes, name the
+    classifier ``head``, fill missing batch-norm ``num_batches_tracked`` counters."""
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        k = key
+        changed = True
+        while changed and k not in own:
+            changed = False
+            for prefix in _STRIP_PREFIXES:
+                if k.startswith(prefix):
+                    k, changed = k[len(prefix):], True
+        if k not in own:
+            for alias in _HEAD_ALIASES:
+                if k.startswith(alias) and "head." + k[len(alias):] in own:
+                    k = "head." + k[len(alias):]
+                    break
+        out[k] = value
+    for k, v in own.items():
+        if k.endswith("num_batches_tracked") and k not in out:
+            out[k] = torch.zeros_like(v)
+    return out
+
+
+def load_user_checkpoint(uri: str, model: nn.Module, *, arch: Optional[str] = None,
+                         expected_sha256: Optional[str] = None) -> Dict[str, Any]:
+    """Load the checkpoint at ``uri`` (a path or URI) into ``model`` strictly.
+
+    Accepts our format and plain state dicts (see the module docstring); reads with
+    ``torch.load(weights_only=True)``. With ``arch``, an ood-sweep checkpoint of another
+    architecture is refused. Returns ``{"sha256", "format": "ood-sweep" | "state_dict", "meta"}``.
+    Raises :class:`CheckpointError` for a missing, unreadable, corrupt, pickled-object or
+    mismatched (architecture, class count) checkpoint, or a sha256 other than ``expected_sha256``.
+    """
+    data = _read(uri)
+    sha = sha256_bytes(data)
+    if expected_sha256 is not None and sha != expected_sha256.lower():
+        raise CheckpointError(f"checkpoint {uri} has sha256 {sha}, expected {expected_sha256}")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(f"checkpoint {uri} is not a weights-only file (a pickled model object?); "
+                                  f"save model.state_dict() instead ({first})") from exc
+        raise CheckpointError(f"checkpoint {uri} is corrupt or not a torch file: {type(exc).__name__}: {first}") from exc
+    state, meta = _unwrap(payload, uri)
+    fmt = "ood-sweep" if meta or (isinstance(payload, dict) and payload.get("format") == FORMAT) else "state_dict"
+    if arch is not None and meta.get("arch") not in (None, arch):
+        raise CheckpointError(f"checkpoint {uri} is an ood-sweep checkpoint of {meta.get('arch')!r}, "
+                              f"not of {arch!r}")
+    load_into(model, _rename(state, model.state_dict()), source=f"checkpoint {uri}")
+    return {"sha256": sha, "format": fmt, "meta": meta}

@@ -1,99 +1,56 @@
-"""Data sets for ood-sweep, returned as torch ``TensorDataset`` of ``(x, y)``.
+"""Data sets for ood-sweep: the registry.
 
-``x`` is float32 ``(C, H, W)`` already in the *ID input format* of the backbone
-(:class:`InputFormat`: channel count, square image size, per-channel mean / std), ``y`` is
-int64 (``-1`` for unlabelled sets). Every builder produces pixels in ``[0, 1]`` and then
-calls :func:`to_format`, which converts channels (gray -> RGB by repetition, RGB -> gray by
-ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``), resizes to ``fmt.image_size`` (bilinear,
-antialiased when downsampling) and normalises ``(x - mean) / std``.
+Every set is a torch ``Dataset`` of ``(x, y)``: ``x`` float32 ``(C, H, W)`` already in the *ID
+input format* of the backbone (:class:`InputFormat`: channel count, square image size, per-channel
+mean / std), ``y`` int64 (``-1`` for unlabelled sets). Builders produce pixels in ``[0, 1]`` and
+convert them with :func:`to_format`: channels (gray -> RGB by repetition, RGB -> gray by ITU-R 601
+luma), size (bilinear, antialiased when shrinking; image files are centre-cropped to a square
+first) and ``(x - mean) / std`` — so OOD images always reach the network as the ID images do.
 
 Data sets are registered in :data:`DATASETS` as :class:`DatasetEntry`; a builder has the
-keyword-only signature ``build(*, split, fmt, seed, **params)`` (the orchestrator checks
-YAML parameters against ``inspect.signature(build)``). Splits are ``"train"``, ``"val"``,
-``"test"``; for a given ``seed`` they are deterministic and pairwise disjoint.
+keyword-only signature ``build(*, split, fmt, seed, **params)`` (the orchestrator checks YAML
+parameters against ``inspect.signature(build)``). Splits are ``"train"``, ``"val"``, ``"test"``;
+for a given ``seed`` (and the same split parameters) they are deterministic and pairwise disjoint.
 
-Quickstart sets (offline, shipped with scikit-learn):
+=================  ========================================================================
+quickstart         ``digits``, ``gaussian_noise``, ``uniform_noise``, ``sklearn_photos``
+                   (scikit-learn, offline; small ``TensorDataset``)
+arrays             ``cifar10``, ``cifar100``, ``svhn``, ``mnist``, ``fashionmnist``
+                   (:mod:`ood_core.datasets.arrays`; lazy uint8, OpenOOD v1.5 splits)
+image files        ``textures``, ``places365``, ``tinyimagenet``, ``lsun_crop``, ``lsun_resize``,
+                   ``isun``, ``image_folder`` (:mod:`ood_core.datasets.folders`; decoded on access)
+=================  ========================================================================
 
-* ``digits``: the 1,797 8x8 UCI digits, stratified per class into train/val/test by
-  ``fractions``; optional ``classes`` filter with labels remapped to their position in
-  ``classes`` (each class is split with its own random stream, so the split of a class does
-  not depend on which other classes are selected: ``classes=[0..4]`` as ID and
-  ``classes=[5..9]`` as near-OOD never share an image).
-* ``gaussian_noise`` (N(mean 0.5, std 0.25) clipped to [0, 1]) and ``uniform_noise``
-  (U[0, 1]): ``n`` images per split, each split from its own random stream.
-* ``sklearn_photos``: non-overlapping ``patch`` x ``patch`` tiles of the two sample photos
-  (china.jpg, flower.jpg), shuffled by ``seed`` and split by ``fractions``.
-
-Real data sets (CIFAR, SVHN, ...) are added by registering further entries with
-:func:`register`.
+Real sets take ``root`` (default ``$OOD_SWEEP_DATA``, else ``~/.ood_sweep/data``),
+``download=False`` (torchvision fetches CIFAR, SVHN, MNIST, FashionMNIST, Textures, Places365)
+and ``max_samples`` (a subset drawn with ``seed``). :func:`check_available` tells, without
+loading, whether a set is on disk (fetching it when ``download`` is set) and otherwise raises
+:class:`DataMissingError` with one line naming the set, the searched path and how to provide it.
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import math
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-SPLITS: Tuple[str, ...] = ("train", "val", "test")
-DEFAULT_FRACTIONS: Tuple[float, float, float] = (0.6, 0.15, 0.25)
-#: ITU-R BT.601 luma weights for RGB -> grayscale
-LUMA_601: Tuple[float, float, float] = (0.299, 0.587, 0.114)
+from ood_core.datasets import arrays, folders
+from ood_core.datasets.base import (DEFAULT_FRACTIONS, LUMA_601, SPLITS, ArrayImageDataset, DataMissingError,
+                                    DatasetEntry, FileImageDataset, InputFormat, data_root, resize, to_format,
+                                    to_gray)
+from ood_core.datasets.base import check_fractions as _check_fractions  # noqa: F401 (kept for old callers)
+from ood_core.datasets.base import rng as _rng  # noqa: F401
+from ood_core.datasets.base import split_bounds as _split_bounds  # noqa: F401
+from ood_core.datasets.base import take_split as _take_split  # noqa: F401
+from ood_core.datasets.base import tensor_dataset as _tensor_dataset  # noqa: F401
+from ood_core.datasets.sklearn_sets import (DIGITS_FORMAT, build_digits, build_gaussian_noise,
+                                            build_sklearn_photos, build_uniform_noise)
+from ood_core.datasets.sklearn_sets import digits_raw as _digits_raw  # noqa: F401
+from ood_core.datasets.sklearn_sets import photo_tiles as _photo_tiles  # noqa: F401
 
-
-@dataclass(frozen=True)
-class InputFormat:
-    """What the backbone expects: ``channels`` (1 or 3), square ``image_size``, and the
-    per-channel ``mean`` / ``std`` used for ``(x - mean) / std`` on pixels in [0, 1]."""
-
-    channels: int
-    image_size: int
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        # accept lists (from YAML / JSON) but store tuples so the format stays hashable
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        if self.channels not in (1, 3):
-            raise ValueError(f"InputFormat.channels must be 1 or 3, got {self.channels}")
-        if int(self.image_size) != self.image_size or self.image_size < 1:
-            raise ValueError(f"InputFormat.image_size must be a positive integer, got {self.image_size}")
-        object.__setattr__(self, "channels", int(self.channels))
-        object.__setattr__(self, "image_size", int(self.image_size))
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(
-                f"InputFormat.mean/std need one value per channel ({self.channels}), "
-                f"got mean={self.mean}, std={self.std}")
-        if any(not (s > 0 and math.isfinite(s)) for s in self.std):
-            raise ValueError(f"InputFormat.std must be positive, got {self.std}")
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"channels": self.channels, "image_size": self.image_size,
-                "mean": list(self.mean), "std": list(self.std)}
-
-
-@dataclass(frozen=True)
-class DatasetEntry:
-    """A registered data set. ``build(*, split, fmt, seed, **params) -> Dataset``.
-
-    ``default_format`` is the natural input format for a backbone trained on this set
-    (None for sets that are only used as OOD data). Bump ``version`` when the builder's
-    output changes, so cache keys built from :func:`dataset_fingerprint` change too.
-    """
-
-    name: str
-    build: Callable[..., Dataset]
-    labelled: bool
-    description: str
-    default_format: Optional[InputFormat] = None
-    version: int = 1
-
+__all__ = ["InputFormat", "DatasetEntry", "DATASETS", "DataMissingError", "register", "load_dataset",
+           "check_available", "num_classes", "dataset_fingerprint", "to_format", "resize", "to_gray",
+           "data_root", "SPLITS", "ArrayImageDataset", "FileImageDataset"]
 
 DATASETS: Dict[str, DatasetEntry] = {}
 
@@ -116,6 +73,8 @@ def _entry(name: str) -> DatasetEntry:
 def _bind(entry: DatasetEntry, split: str, fmt: InputFormat, seed: int,
           params: Dict[str, Any]) -> Dict[str, Any]:
     """Check split / fmt / params against the builder; return all params with defaults."""
+    import inspect
+
     if split not in SPLITS:
         raise ValueError(f"dataset {entry.name!r}: unknown split {split!r}; expected one of {SPLITS}")
     if not isinstance(fmt, InputFormat):
@@ -134,12 +93,42 @@ def _bind(entry: DatasetEntry, split: str, fmt: InputFormat, seed: int,
 def load_dataset(name: str, *, split: str, fmt: InputFormat, seed: int, **params: Any) -> Dataset:
     """Build data set ``name`` (split ``split``) in input format ``fmt``.
 
-    Raises ``KeyError`` for an unknown name and ``ValueError`` for a bad split, an unknown
-    parameter or an invalid parameter value; the messages name the data set.
+    Raises ``KeyError`` for an unknown name, ``ValueError`` for a bad split, an unknown parameter
+    or an invalid parameter value (the messages name the data set), and :class:`DataMissingError`
+    when the files are not there (after a download attempt with ``download=True``).
     """
     entry = _entry(name)
     _bind(entry, split, fmt, seed, params)
     return entry.build(split=split, fmt=fmt, seed=int(seed), **params)
+
+
+def check_available(name: str, *, split: str, fetch: bool = True, **params: Any) -> None:
+    """Raise :class:`DataMissingError` unless data set ``name`` (split ``split``) can be loaded.
+
+    Cheap: it looks for the files, it does not read them. When they are missing and the set is
+    downloadable with ``download: true`` in ``params``, it downloads them first if ``fetch`` (the
+    pre-flight of a sweep); with ``fetch=False`` such a set passes (it will be fetched later).
+    Also raises ``KeyError`` / ``ValueError`` for an unknown set, split or parameter.
+    """
+    entry = _entry(name)
+    _bind(entry, split, InputFormat(1, 1, (0.0,), (1.0,)), 0, params)
+    if entry.check is not None:
+        entry.check(split=split, fetch=fetch, **params)
+
+
+def num_classes(name: str, **params: Any) -> Optional[int]:
+    """Number of classes of labelled set ``name`` with ``params``, without loading it: the length
+    of ``classes`` when given, a class-per-folder ``image_folder``'s folder count (listed), else
+    the entry's static ``num_classes`` (None for unlabelled sets)."""
+    entry = _entry(name)
+    if params.get("classes") is not None:
+        return len(params["classes"])
+    if name == "image_folder" and params.get("path"):
+        classes = folders.folder_classes(params["path"], params.get("layout", "auto"))
+        return None if classes is None else len(classes)
+    if name == "tinyimagenet" and params.get("exclude_wnids"):
+        return entry.num_classes - len(set(params["exclude_wnids"]))
+    return entry.num_classes
 
 
 def _jsonable(v: Any) -> Any:
@@ -164,172 +153,54 @@ def dataset_fingerprint(name: str, split: str, fmt: InputFormat, seed: int, **pa
 
 
 # ---------------------------------------------------------------------------------------
-# conversion to the ID input format
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of ``(N, C, H, W)`` to ``size`` x ``size`` (antialiased when shrinking)."""
-    if x.shape[-2:] == (size, size):
-        return x
-    shrink = size < x.shape[-2] or size < x.shape[-1]
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-
-
-def to_gray(x: torch.Tensor) -> torch.Tensor:
-    """RGB ``(N, 3, H, W)`` -> luma ``(N, 1, H, W)`` with the ITU-R 601 weights."""
-    w = torch.tensor(LUMA_601, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
-
-
-def to_format(x: torch.Tensor, fmt: InputFormat) -> torch.Tensor:
-    """Convert pixels in [0, 1], ``(N, C, H, W)`` with C in {1, 3}, to ``fmt``: channels,
-    then size, then ``(x - mean) / std``. Returns contiguous float32."""
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"expected images (N, 1|3, H, W), got shape {tuple(x.shape)}")
-    x = x.float()
-    if x.shape[1] == 1 and fmt.channels == 3:
-        x = x.repeat(1, 3, 1, 1)
-    elif x.shape[1] == 3 and fmt.channels == 1:
-        x = to_gray(x)
-    x = resize(x, fmt.image_size)
-    mean = torch.tensor(fmt.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(fmt.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
-def _tensor_dataset(x01: torch.Tensor, y: torch.Tensor, fmt: InputFormat) -> TensorDataset:
-    return TensorDataset(to_format(x01, fmt), y.to(torch.int64))
-
-
-# ---------------------------------------------------------------------------------------
-# splitting helpers
-
-
-def _check_fractions(name: str, fractions: Sequence[float]) -> Tuple[float, float, float]:
-    try:
-        fr = tuple(float(f) for f in fractions)
-    except (TypeError, ValueError):
-        raise ValueError(f"dataset {name!r}: fractions must be three numbers, got {fractions!r}") from None
-    if len(fr) != 3 or any(not (0 <= f <= 1) for f in fr) or abs(sum(fr) - 1) > 1e-6:
-        raise ValueError(f"dataset {name!r}: fractions (train, val, test) must be three numbers "
-                         f"in [0, 1] summing to 1, got {list(fractions)}")
-    return fr  # type: ignore[return-value]
-
-
-def _split_bounds(n: int, fractions: Tuple[float, float, float]) -> Tuple[int, int]:
-    """Cut points of ``n`` shuffled items: [0, a) train, [a, b) val, [b, n) test."""
-    a = int(round(fractions[0] * n))
-    b = min(n, a + int(round(fractions[1] * n)))
-    return a, b
-
-
-def _take_split(perm: np.ndarray, split: str, fractions: Tuple[float, float, float]) -> np.ndarray:
-    a, b = _split_bounds(len(perm), fractions)
-    return {"train": perm[:a], "val": perm[a:b], "test": perm[b:]}[split]
-
-
-def _rng(seed: int, *stream: int) -> np.random.Generator:
-    """Independent random stream ``stream`` for ``seed`` (numpy SeedSequence spawn keys)."""
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=tuple(stream)))
-
-
-# ---------------------------------------------------------------------------------------
-# quickstart sets (scikit-learn)
-
-
-@functools.lru_cache(maxsize=1)
-def _digits_raw() -> Tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = (d.images.astype(np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8) in [0, 1]
-    images.setflags(write=False)
-    target = d.target.astype(np.int64)
-    target.setflags(write=False)
-    return images, target
-
-
-def build_digits(*, split: str, fmt: InputFormat, seed: int,
-                 classes: Optional[Sequence[int]] = None,
-                 fractions: Sequence[float] = DEFAULT_FRACTIONS) -> TensorDataset:
-    """scikit-learn digits (8x8, 10 classes), stratified split; labels = position in ``classes``."""
-    fr = _check_fractions("digits", fractions)
-    if classes is None:
-        classes = list(range(10))
-    classes = [int(c) for c in classes]
-    if not classes or len(set(classes)) != len(classes) or any(c < 0 or c > 9 for c in classes):
-        raise ValueError(f"dataset 'digits': classes must be distinct integers in 0..9, got {classes}")
-    images, target = _digits_raw()
-    idx, labels = [], []
-    for pos, c in enumerate(classes):
-        members = np.flatnonzero(target == c)
-        chosen = _take_split(members[_rng(seed, 0, c).permutation(len(members))], split, fr)
-        idx.append(np.sort(chosen))
-        labels.append(np.full(len(chosen), pos, dtype=np.int64))
-    order = np.concatenate(idx)
-    x = torch.from_numpy(images[order].copy())
-    return _tensor_dataset(x, torch.from_numpy(np.concatenate(labels)), fmt)
-
-
-def _noise(kind: int, split: str, fmt: InputFormat, seed: int, n: int) -> TensorDataset:
-    if int(n) != n or n < 1:
-        raise ValueError(f"noise data sets: n must be a positive integer, got {n}")
-    rng = _rng(seed, 1, kind, SPLITS.index(split))  # disjoint stream per (kind, split)
-    shape = (int(n), fmt.channels, fmt.image_size, fmt.image_size)
-    if kind == 0:
-        x = np.clip(rng.normal(0.5, 0.25, size=shape), 0.0, 1.0)
-    else:
-        x = rng.uniform(0.0, 1.0, size=shape)
-    return _tensor_dataset(torch.from_numpy(x.astype(np.float32)), torch.full((int(n),), -1), fmt)
-
-
-def build_gaussian_noise(*, split: str, fmt: InputFormat, seed: int, n: int = 500) -> TensorDataset:
-    """``n`` images of i.i.d. N(mean 0.5, std 0.25) pixels clipped to [0, 1], unlabelled."""
-    return _noise(0, split, fmt, seed, n)
-
-
-def build_uniform_noise(*, split: str, fmt: InputFormat, seed: int, n: int = 500) -> TensorDataset:
-    """``n`` images of i.i.d. U[0, 1] pixels, unlabelled."""
-    return _noise(1, split, fmt, seed, n)
-
-
-@functools.lru_cache(maxsize=4)
-def _photo_tiles(patch: int) -> np.ndarray:
-    """All non-overlapping ``patch`` tiles (row-major, photo by photo), uint8 (N, 3, p, p)."""
-    from sklearn.datasets import load_sample_images
-
-    tiles = []
-    for img in load_sample_images().images:  # (427, 640, 3) uint8 each
-        h, w = img.shape[0] // patch, img.shape[1] // patch
-        t = img[: h * patch, : w * patch].reshape(h, patch, w, patch, 3)
-        tiles.append(t.transpose(0, 2, 4, 1, 3).reshape(h * w, 3, patch, patch))
-    out = np.concatenate(tiles)
-    out.setflags(write=False)
-    return out
-
-
-def build_sklearn_photos(*, split: str, fmt: InputFormat, seed: int, patch: int = 32,
-                         fractions: Sequence[float] = DEFAULT_FRACTIONS) -> TensorDataset:
-    """Non-overlapping ``patch`` tiles of scikit-learn's two sample photos, unlabelled."""
-    fr = _check_fractions("sklearn_photos", fractions)
-    if int(patch) != patch or not 2 <= patch <= 427:
-        raise ValueError(f"dataset 'sklearn_photos': patch must be an integer in 2..427, got {patch}")
-    tiles = _photo_tiles(int(patch))
-    chosen = _take_split(_rng(seed, 2).permutation(len(tiles)), split, fr)
-    x = torch.from_numpy(tiles[chosen].astype(np.float32) / 255.0)
-    return _tensor_dataset(x, torch.full((len(chosen),), -1), fmt)
-
-
-# mean / std of all 1,797 digits after /16 and bilinear upsampling 8x8 -> 16x16 (the
-# `resize` above), computed once with torch in float64: mean 0.30526, std 0.31895.
-DIGITS_FORMAT = InputFormat(channels=1, image_size=16, mean=(0.3053,), std=(0.3189,))
+# the registry
 
 register(DatasetEntry("digits", build_digits, labelled=True,
                       description="scikit-learn 8x8 handwritten digits (1,797 images, 10 classes)",
-                      default_format=DIGITS_FORMAT))
+                      default_format=DIGITS_FORMAT, num_classes=10, split_params=("fractions",)))
 register(DatasetEntry("gaussian_noise", build_gaussian_noise, labelled=False,
                       description="i.i.d. Gaussian pixel noise, mean 0.5, std 0.25, clipped to [0, 1]"))
 register(DatasetEntry("uniform_noise", build_uniform_noise, labelled=False,
                       description="i.i.d. uniform pixel noise in [0, 1]"))
 register(DatasetEntry("sklearn_photos", build_sklearn_photos, labelled=False,
-                      description="non-overlapping tiles of scikit-learn's two sample photos"))
+                      description="non-overlapping tiles of scikit-learn's two sample photos",
+                      split_params=("patch", "fractions")))
+
+_ARRAY_SPLIT = ("val_size", "test_pool")
+for _name, _build, _check, _fmt, _desc in (
+    ("cifar10", arrays.build_cifar10, arrays.check_cifar10, arrays.CIFAR10_FORMAT,
+     "CIFAR-10 (32x32 RGB, 10 classes; train 50k / val 1k / test 9k as OpenOOD v1.5)"),
+    ("cifar100", arrays.build_cifar100, arrays.check_cifar100, arrays.CIFAR100_FORMAT,
+     "CIFAR-100 (32x32 RGB, 100 classes; train 50k / val 1k / test 9k as OpenOOD v1.5)"),
+    ("svhn", arrays.build_svhn, arrays.check_svhn, arrays.SVHN_FORMAT,
+     "SVHN cropped digits (32x32 RGB, 10 classes; train 73,257 / test 26,032)"),
+    ("mnist", arrays.build_mnist, arrays.check_mnist, arrays.MNIST_FORMAT,
+     "MNIST handwritten digits (28x28 gray, 10 classes; train 60k / test 10k)"),
+    ("fashionmnist", arrays.build_fashionmnist, arrays.check_fashionmnist, arrays.FASHIONMNIST_FORMAT,
+     "Fashion-MNIST (28x28 gray, 10 classes; train 60k / test 10k; Debian's files used when installed)"),
+):
+    register(DatasetEntry(_name, _build, labelled=True, description=_desc, default_format=_fmt,
+                          num_classes=arrays.SOURCES[_name].num_classes, check=_check, downloadable=True,
+                          split_params=_ARRAY_SPLIT))
+
+for _name, _build, _check, _desc in (
+    ("textures", folders.build_textures, folders.check_textures,
+     "Describable Textures (DTD), 5,640 images, OOD only"),
+    ("places365", folders.build_places365, folders.check_places365,
+     "Places365-Standard validation images (256x256), OOD only"),
+    ("lsun_crop", folders.build_lsun_crop, folders.check_lsun_crop, "LSUN crops (ODIN release), OOD only"),
+    ("lsun_resize", folders.build_lsun_resize, folders.check_lsun_resize,
+     "LSUN resized (ODIN release), OOD only"),
+    ("isun", folders.build_isun, folders.check_isun, "iSUN (ODIN release), OOD only"),
+):
+    register(DatasetEntry(_name, _build, labelled=False, description=_desc, check=_check,
+                          downloadable=_name in folders.DOWNLOADERS, split_params=("val_size",)))
+
+register(DatasetEntry("tinyimagenet", folders.build_tinyimagenet, labelled=True,
+                      description="TinyImageNet (tiny-imagenet-200, 64x64, 200 classes); OOD val from its "
+                                  "training images, test = its validation images",
+                      default_format=folders.TINYIMAGENET_FORMAT, num_classes=200,
+                      check=folders.check_tinyimagenet, split_params=("val_size", "exclude_wnids")))
+register(DatasetEntry("image_folder", folders.build_image_folder, labelled=True,
+                      description="any local folder of images: one sub-folder per class, or flat (unlabelled)",
+                      check=folders.check_image_folder, split_params=("fractions", "layout")))

@@ -1,17 +1,31 @@
-"""Backbone classifiers.
+"""Backbone classifiers: the registry.
 
-Every model built by :func:`build_model` exposes
+Every model built by :func:`build_model` follows :class:`ood_core.backbones.common.Backbone`:
 
 * ``features(x) -> (N, D)``: the penultimate representation (input of the classifier),
-* ``head``: the ``nn.Linear`` classifier, so ``forward(x) == head(features(x))``,
-* ``num_classes`` and ``feature_dim`` (= D) attributes.
+* ``head``: the ``nn.Linear`` classifier, so ``forward(x) == head(features(x))`` (eval mode),
+* ``feature_maps(x) -> (N, C, H, W)`` (the maps before global pooling: the split point of
+  activation shaping) and ``pool_head(maps) -> logits``, with ``forward(x) == pool_head(feature_maps(x))``,
+* ``num_classes``, ``feature_dim`` (= D) and ``stages`` (dotted names of the main blocks in
+  network order).
 
-Submodules have stable attribute names (``conv1``, ``bn1``, ``relu1``, ...) because forward
+Submodules have stable attribute names (``conv1``, ``bn1``, ``layer2.0.bn1`` ...) because forward
 hooks (:mod:`ood_core.hooks`) address layers by their dotted module path.
 
-:data:`ARCHITECTURES` maps an architecture name to a builder with the keyword-only
-signature ``builder(*, num_classes, in_channels, image_size, **arch_params)``; the
-orchestrator validates YAML ``arch_params`` against ``inspect.signature(builder)``.
+=====================  ===========================================================================
+``small_cnn``          the quickstart's conv net (128-d)
+``resnet18``           ResNet18 for 32x32 inputs: 3x3 stem, no max-pool, 512-d (the default; OpenOOD v1.5)
+``resnet34``           ResNet34 for 32x32 inputs (LA-OOD), 512-d
+``vgg16``              VGG16-BN for 32x32 inputs (LA-OOD), 512-d
+``densenet100``        DenseNet-BC-100, growth 12 (ODIN / Mahalanobis / LA-OOD), 342-d
+``wrn40_2``            WideResNet-40-2 (Outlier Exposure), 128-d
+``resnet18_imagenet``  torchvision's ResNet18, ``weights: imagenet`` for pretrained, inputs resized
+``resnet50_imagenet``  torchvision's ResNet50 (2048-d), ``weights: imagenet`` / ``imagenet_v2``
+=====================  ===========================================================================
+
+:data:`ARCHITECTURES` maps an architecture name to a builder with the keyword-only signature
+``builder(*, num_classes, in_channels, image_size, **arch_params)``; the orchestrator validates
+YAML ``arch_params`` against ``inspect.signature(builder)``.
 """
 from __future__ import annotations
 
@@ -19,63 +33,31 @@ import inspect
 from typing import Any, Callable, Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from ood_core.backbones.common import Backbone
+from ood_core.backbones.densenet import densenet100
+from ood_core.backbones.imagenet import (WeightsMissingError, load_pretrained_state, resnet18_imagenet,
+                                         resnet50_imagenet)
+from ood_core.backbones.resnet_cifar import resnet18, resnet34
+from ood_core.backbones.small_cnn import SmallCNN, small_cnn
+from ood_core.backbones.vgg import vgg16
+from ood_core.backbones.wrn import wrn40_2
 
-class SmallCNN(nn.Module):
-    """A small conv net for the quickstart (digits at 16x16 trains in seconds on a CPU).
+__all__ = ["ARCHITECTURES", "Backbone", "SmallCNN", "WeightsMissingError", "architecture_params", "build_model",
+           "check_weights_available", "DEFAULT_ARCH"]
 
-    ``conv1/bn1/relu1`` (32 w) -> ``conv2/bn2/relu2`` (64 w) -> ``pool`` (max 2x2) ->
-    ``conv3/bn3/relu3`` (128 w) -> ``gap`` (global average pool) -> ``head`` (linear),
-    with 3x3 convolutions (padding 1, no bias: batch norm follows) and width multiplier w.
-    Works for any input size >= 2 (the global pool removes the spatial dimensions).
-    """
-
-    def __init__(self, num_classes: int, in_channels: int = 3, width: float = 1.0):
-        super().__init__()
-        c1, c2, c3 = (max(1, int(round(c * width))) for c in (32, 64, 128))
-        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c2)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c3)
-        self.relu3 = nn.ReLU()
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(c3, num_classes)
-        self.num_classes = int(num_classes)
-        self.feature_dim = c3
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def features(self, x: Tensor) -> Tensor:
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.pool(self.relu2(self.bn2(self.conv2(x))))
-        x = self.relu3(self.bn3(self.conv3(x)))
-        return torch.flatten(self.gap(x), 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-def small_cnn(*, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> SmallCNN:
-    """Build :class:`SmallCNN`; ``width`` multiplies the channel counts (32, 64, 128)."""
-    if image_size < 2:
-        raise ValueError(f"small_cnn needs image_size >= 2 (it max-pools once), got {image_size}")
-    if not width > 0:
-        raise ValueError(f"small_cnn: width must be positive, got {width}")
-    return SmallCNN(num_classes, in_channels, float(width))
-
+DEFAULT_ARCH = "resnet18"
 
 ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "vgg16": vgg16,
+    "densenet100": densenet100,
+    "wrn40_2": wrn40_2,
+    "resnet18_imagenet": resnet18_imagenet,
+    "resnet50_imagenet": resnet50_imagenet,
 }
 
 
@@ -93,15 +75,26 @@ def _builder(arch: str) -> Callable[..., nn.Module]:
         raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
 
 
+def check_weights_available(arch: str, *, fetch: bool = False, **params: Any) -> None:
+    """Raise :class:`WeightsMissingError` when ``arch`` with ``params`` asks for pretrained weights
+    (``weights: imagenet``) that are not in torch hub's cache; with ``fetch`` download them first.
+    A no-op for architectures trained from scratch."""
+    weights = params.get("weights")
+    if weights and "weights" in architecture_params(arch):
+        load_pretrained_state(arch, weights, fetch=fetch)
+
+
 def build_model(arch: str, *, num_classes: int, in_channels: int, image_size: int,
-                seed: Optional[int] = None, **kwargs: Any) -> nn.Module:
+                seed: Optional[int] = None, load_weights: bool = True, **kwargs: Any) -> nn.Module:
     """Build architecture ``arch`` for ``num_classes`` classes and inputs of shape
     ``(in_channels, image_size, image_size)``; ``kwargs`` are the architecture's own
-    parameters (e.g. ``width``). With ``seed``, the initial weights are drawn from a
-    generator seeded with it (the global RNG state is left untouched).
+    parameters (e.g. ``width``, ``dropout``, ``weights="imagenet"``). With ``seed``, the initial
+    weights are drawn from a generator seeded with it (the global RNG state is left untouched).
+    ``load_weights=False`` builds the same architecture without loading pretrained weights (for
+    config validation: no download).
 
     Raises ``KeyError`` for an unknown architecture, ``ValueError`` for unknown or invalid
-    parameters.
+    parameters, :class:`WeightsMissingError` when pretrained weights cannot be had.
     """
     builder = _builder(arch)
     allowed = architecture_params(arch)
@@ -111,6 +104,11 @@ def build_model(arch: str, *, num_classes: int, in_channels: int, image_size: in
     if int(num_classes) < 1 or int(in_channels) < 1:
         raise ValueError(f"architecture {arch!r}: need num_classes >= 1 and in_channels >= 1, "
                          f"got {num_classes}, {in_channels}")
+    if not load_weights and kwargs.get("weights"):
+        from ood_core.backbones.imagenet import _weights_enum
+
+        _weights_enum(arch, kwargs["weights"])  # still validate the value
+        kwargs = dict(kwargs, weights=None, input_size=kwargs.get("input_size") or 224)
     args = dict(num_classes=int(num_classes), in_channels=int(in_channels), image_size=int(image_size), **kwargs)
     if seed is None:
         return builder(**args)

@@ -1,30 +1,49 @@
 """Supervised training of a backbone classifier (plain function: no Ray, no MLflow).
 
-:func:`train_classifier` runs SGD (Nesterov momentum, weight decay) on cross entropy (with
-optional label smoothing) under a cosine learning-rate schedule
-``lr_t = lr * (1 + cos(pi * t / T)) / 2`` (``t`` counts optimizer steps for
-``schedule="cosine"``, epochs for ``"cosine_epoch"``; ``"constant"`` keeps ``lr``).
-After every epoch the model is evaluated on the validation set; the weights with the best
-validation accuracy are restored at the end.
+:func:`train_classifier` runs SGD (momentum, optionally Nesterov, weight decay) on cross entropy
+(with optional label smoothing) under a learning-rate schedule:
+
+* ``cosine``: ``lr_t = min_lr + (lr - min_lr) (1 + cos(pi t / T)) / 2`` with ``t`` counting optimizer
+  steps (OpenOOD's per-step cosine annealing); ``cosine_epoch``: the same per epoch;
+* ``multistep``: ``lr * gamma ** (number of milestones <= epoch)``; ``constant``: ``lr``.
+
+Batches are augmented on the device (:mod:`ood_core.augment`: ``none``, ``flip``, ``crop_flip``,
+``crop_flip_rotate_jitter_erase``). After every epoch the model is evaluated on the validation
+set; the weights with the best validation accuracy are restored at the end.
+
+With ``resume_uri``, a resume checkpoint (model, optimizer, scheduler, AMP scaler, random states,
+history, best weights) is written atomically after every epoch, and training continues from it
+when it exists: a retried task loses at most one epoch and ends with the same weights as an
+uninterrupted run (on CPU, bit for bit).
 
 On CUDA it uses automatic mixed precision (``torch.autocast`` float16 + ``GradScaler``),
 channels-last memory format and pinned host memory; on CPU it runs in float32 and is fully
-deterministic for a given ``seed`` (the shuffling order comes from a ``torch.Generator``
-seeded with it; seed the initial weights with ``build_model(..., seed=...)``).
+deterministic for a given ``seed`` (shuffling, augmentation and dropout draw from generators seeded
+with it; seed the initial weights with ``build_model(..., seed=...)``).
+
+:data:`RECIPES` holds named settings; :func:`make_train_config` applies one plus overrides.
 """
 from __future__ import annotations
 
-import copy
+import bisect
+import io
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Union
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-SCHEDULES = ("cosine", "cosine_epoch", "constant")
+from ood_core import storage
+from ood_core.augment import AUGMENTATIONS, BatchAugment
+
+SCHEDULES = ("cosine", "cosine_epoch", "multistep", "constant")
+RESUME_FORMAT = "ood-sweep-resume"
+RESUME_VERSION = 1
 
 
 @dataclass
@@ -38,7 +57,12 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    min_lr: float = 0.0
+    milestones: Tuple[int, ...] = ()
+    gamma: float = 0.1
     label_smoothing: float = 0.0
+    augment: str = "none"
+    crop_padding: int = 4
     amp: bool = True
     num_workers: int = 0
 
@@ -58,15 +82,68 @@ class TrainConfig:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            problems.append(f"min_lr must be in [0, lr], got {self.min_lr}")
+        try:
+            self.milestones = tuple(int(m) for m in self.milestones)
+        except (TypeError, ValueError):
+            problems.append(f"milestones must be a list of epochs, got {self.milestones!r}")
+        else:
+            if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
+                problems.append(f"milestones must be increasing positive epochs, got {list(self.milestones)}")
+        if self.schedule == "multistep" and not self.milestones:
+            problems.append("schedule 'multistep' needs milestones")
+        if not 0 < self.gamma <= 1:
+            problems.append(f"gamma must be in (0, 1], got {self.gamma}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.augment not in AUGMENTATIONS:
+            problems.append(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if int(self.crop_padding) != self.crop_padding or self.crop_padding < 0:
+            problems.append(f"crop_padding must be a non-negative integer, got {self.crop_padding}")
         if int(self.num_workers) != self.num_workers or self.num_workers < 0:
             problems.append(f"num_workers must be a non-negative integer, got {self.num_workers}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
     def to_dict(self) -> Dict[str, object]:
-        return asdict(self)
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+#: Named training recipes (values for :class:`TrainConfig`).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    # OpenOOD v1.5 CIFAR training (Zhang et al. 2023, configs/optimizers + base trainer): SGD with
+    # Nesterov momentum 0.9, lr 0.1, weight decay 5e-4, batch 128, 100 epochs, per-step cosine
+    # annealing to 1e-6, random crop (padding 4) + horizontal flip; best checkpoint by ID val accuracy.
+    "openood_v1.5": dict(epochs=100, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                         schedule="cosine", min_lr=1e-6, milestones=(), gamma=0.1, label_smoothing=0.0,
+                         augment="crop_flip", crop_padding=4),
+    # The practical-work notebook (ResNet18 on CIFAR-100, shared/seeds 002): SGD lr 1e-3, momentum 0.95
+    # (no Nesterov), weight decay 5e-4, batch 8, 200 epochs, MultiStepLR [60, 120, 160] x 0.2,
+    # crop + flip + rotation 15 + colour jitter (0.2, 0.2, 0.2, 0.1) + random erasing 0.25.
+    # The notebook also puts Dropout(0.5) before the classifier: give the backbone `dropout: 0.5`.
+    "practical_cifar100": dict(epochs=200, batch_size=8, lr=1e-3, momentum=0.95, nesterov=False, weight_decay=5e-4,
+                               schedule="multistep", min_lr=0.0, milestones=(60, 120, 160), gamma=0.2,
+                               label_smoothing=0.0, augment="crop_flip_rotate_jitter_erase", crop_padding=4),
+}
+
+
+def make_train_config(recipe: Optional[str] = None, **overrides: Any) -> TrainConfig:
+    """:class:`TrainConfig` from recipe ``recipe`` (None: the plain defaults) with ``overrides``
+    on top (``None`` values are ignored). ``ValueError`` for an unknown recipe or field."""
+    base: Dict[str, Any] = {}
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown training recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        base = dict(RECIPES[recipe])
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {', '.join(sorted(names))}")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**base)
 
 
 def _loader(ds: Dataset, batch_size: int, cfg: TrainConfig, cuda: bool,
@@ -114,21 +191,90 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, *, device: Union[str
 
 
 def _check_labels(train_set: Dataset) -> None:
+    y = None
     if isinstance(train_set, TensorDataset) and len(train_set.tensors) >= 2:
         y = train_set.tensors[1]
-        if y.numel() and int(y.min()) < 0:
-            raise ValueError("train_classifier: the training set has negative (unlabelled) targets")
+    elif getattr(train_set, "targets", None) is not None:
+        y = torch.as_tensor(np.asarray(train_set.targets))
+    if y is not None and y.numel() and int(y.min()) < 0:
+        raise ValueError("train_classifier: the training set has negative (unlabelled) targets")
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence(int(seed), spawn_key=(stream,)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    floor = cfg.min_lr / cfg.lr
+    if cfg.schedule in ("cosine", "cosine_epoch"):
+        total = cfg.epochs * steps_per_epoch if cfg.schedule == "cosine" else cfg.epochs
+        return lambda t: floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+    if cfg.schedule == "multistep":
+        milestones = list(cfg.milestones)
+        return lambda e: cfg.gamma ** bisect.bisect_right(milestones, e)
+    return lambda t: 1.0
+
+
+def _input_format(train_set: Dataset, given) -> Tuple[Sequence[float], Sequence[float]]:
+    fmt = given if given is not None else getattr(train_set, "fmt", None)
+    if fmt is None:
+        return (0.0,), (1.0,)
+    if isinstance(fmt, dict):
+        return fmt["mean"], fmt["std"]
+    return fmt.mean, fmt.std
+
+
+def _cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _fingerprint(cfg: TrainConfig, seed: int, model: nn.Module, n_train: int) -> Dict[str, Any]:
+    return {"cfg": cfg.to_dict(), "seed": int(seed), "n_train": int(n_train),
+            "params": sorted(model.state_dict().keys())[:8], "n_params": len(model.state_dict())}
+
+
+def _save_resume(uri: str, payload: Dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    with storage.atomic_output(uri) as out:
+        out.write(buf.getvalue())
+
+
+def _load_resume(uri: str, fingerprint: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The resume payload at ``uri`` if it exists, is readable and belongs to this run; else None
+    (with a warning when a file was there but unusable)."""
+    try:
+        if not storage.exists(uri):
+            return None
+        payload = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt / partial / foreign file: start over
+        warnings.warn(f"ignoring unreadable resume checkpoint {uri}: {type(exc).__name__}: {exc}")
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != RESUME_FORMAT \
+            or payload.get("version") != RESUME_VERSION:
+        warnings.warn(f"ignoring {uri}: not an ood-sweep resume checkpoint")
+        return None
+    if payload.get("fingerprint") != fingerprint:
+        warnings.warn(f"ignoring resume checkpoint {uri}: it was written for another configuration")
+        return None
+    return payload
 
 
 def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], cfg: TrainConfig, *,
                      seed: int, device: Union[str, torch.device],
-                     on_epoch: Optional[Callable[[Dict[str, float]], None]] = None) -> List[Dict[str, float]]:
-    """Train ``model`` in place on ``train_set``; return one dict per epoch.
+                     on_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
+                     resume_uri: Optional[str] = None, input_format: Any = None) -> List[Dict[str, float]]:
+    """Train ``model`` in place on ``train_set``; return one dict per epoch (resumed ones included).
 
     Each dict has ``epoch`` (1-based), ``train_loss`` (mean training criterion, with label
     smoothing), ``train_acc`` (in train mode, as the batches went by), ``val_loss`` (plain
     cross entropy) and ``val_acc`` (NaN without a validation set), ``lr`` (the rate of the
-    epoch's first step) and ``time_s``. ``on_epoch`` is called with each dict as it is made.
+    epoch's first step) and ``time_s``. ``on_epoch`` is called with each new epoch's dict.
+
+    ``resume_uri``: path / URI of the resume checkpoint (see the module docstring); it is left in
+    place at the end (the caller removes it once the final checkpoint is saved).
+    ``input_format``: the :class:`~ood_core.data.InputFormat` (or its dict) of the batches, for
+    augmentations that need raw pixels; default ``train_set.fmt`` when it has one.
 
     At the end ``model`` holds the weights of the epoch with the best validation accuracy
     (the earliest on ties; the last epoch without a validation set), is on ``device`` in
@@ -140,65 +286,101 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
     device = torch.device(device)
     cuda = device.type == "cuda"
     use_amp = bool(cfg.amp and cuda)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
     model.to(device=device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
 
-    train_loader = _loader(train_set, cfg.batch_size, cfg, cuda, torch.Generator().manual_seed(int(seed)))
+    shuffle_gen = torch.Generator().manual_seed(int(seed))
+    aug_gen = torch.Generator().manual_seed(_derived_seed(seed, 1))
+    mean, std = _input_format(train_set, input_format)
+    augment = BatchAugment(cfg.augment, mean=mean, std=std, padding=cfg.crop_padding, generator=aug_gen)
+    train_loader = _loader(train_set, cfg.batch_size, cfg, cuda, shuffle_gen)
     val_loader = _loader(val_set, max(256, cfg.batch_size), cfg, cuda, None) if val_set is not None else None
 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * len(train_loader) if cfg.schedule == "cosine" else cfg.epochs
-    scheduler = None
-    if cfg.schedule != "constant":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, len(train_loader)))
+    per_step = cfg.schedule == "cosine"
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     history: List[Dict[str, float]] = []
     best_acc, best_state = -math.inf, None
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        lr_now = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        for x, y in train_loader:
-            x, y = _to_device(x, y, device, cuda)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
-                loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None and cfg.schedule == "cosine":
+    fingerprint = _fingerprint(cfg, seed, model, len(train_set))
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(_derived_seed(seed, 2))  # dropout & co.: seeded, global state restored after
+        resumed = _load_resume(resume_uri, fingerprint) if resume_uri else None
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            if resumed.get("scaler"):
+                scaler.load_state_dict(resumed["scaler"])
+            rng = resumed["rng"]
+            shuffle_gen.set_state(rng["shuffle"])
+            aug_gen.set_state(rng["augment"])
+            torch.set_rng_state(rng["torch"])
+            if cuda and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"], device)
+            history = [dict(r) for r in resumed["history"]]
+            best_acc = float(resumed["best_acc"])
+            best_state = resumed["best_state"]
+
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            start = time.perf_counter()
+            model.train()
+            lr_now = optimizer.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            for x, y in train_loader:
+                x, y = _to_device(x, y, device, cuda)
+                x = augment(x)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = model(x)
+                    loss = criterion(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if per_step:
+                    scheduler.step()
+                loss_sum += loss.detach().double() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+            if not per_step:
                 scheduler.step()
-            loss_sum += loss.detach().double() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-        if scheduler is not None and cfg.schedule == "cosine_epoch":
-            scheduler.step()
-        train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"train_classifier: training loss is {train_loss} in epoch {epoch} "
-                                     f"(lr={lr_now:g}); lower the learning rate")
-        val = _evaluate(model, val_loader, device, use_amp) if val_loader is not None \
-            else {"loss": math.nan, "acc": math.nan}
-        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
-               "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr_now,
-               "time_s": time.perf_counter() - start}
-        history.append(row)
-        if val_loader is not None and val["acc"] > best_acc:
-            best_acc = val["acc"]
-            best_state = copy.deepcopy(model.state_dict())
-        if on_epoch is not None:
-            on_epoch(dict(row))
+            train_loss = loss_sum.item() / seen
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"train_classifier: training loss is {train_loss} in epoch {epoch} "
+                                         f"(lr={lr_now:g}); lower the learning rate")
+            val = _evaluate(model, val_loader, device, use_amp) if val_loader is not None \
+                else {"loss": math.nan, "acc": math.nan}
+            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
+                   "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr_now,
+                   "time_s": time.perf_counter() - start}
+            history.append(row)
+            if val_loader is not None and val["acc"] > best_acc:
+                best_acc = val["acc"]
+                best_state = _cpu_state(model)
+            if resume_uri:
+                _save_resume(resume_uri, {
+                    "format": RESUME_FORMAT, "version": RESUME_VERSION, "fingerprint": fingerprint,
+                    "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": {"shuffle": shuffle_gen.get_state(), "augment": aug_gen.get_state(),
+                            "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state(device) if cuda else None},
+                    "history": history, "best_acc": best_acc, "best_state": best_state})
+            if on_epoch is not None:
+                on_epoch(dict(row))
 
     if best_state is not None:
         model.load_state_dict(best_state)
     if cuda:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.channels_last if False else torch.contiguous_format)
     model.eval()
     return history

@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+from orchestrator.plan import join_uri
+
 
 def to_tune_domain(spec: Any):
     if not isinstance(spec, dict):
@@ -69,7 +71,15 @@ class BatchedMLflowCallback(MLflowLoggerCallback):
         if trial in self._trial_runs:
             return
         entry = trial.config["entry"]
-        tags = {**(self.tags or {}), "trial_name": str(trial), "mlflow.parentRunId": self._parents[entry["key"]],
+        parent = self._parents[entry["key"]]
+        client = self.mlflow_util._get_client()
+        # a trial restarted after an interruption continues in the run it had
+        found = client.search_runs([self.mlflow_util.experiment_id], max_results=1, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent}' and tags.trial_name = '{trial}'"))
+        if found:
+            self._trial_runs[trial] = found[0].info.run_id
+            return
+        tags = {**(self.tags or {}), "trial_name": str(trial), "mlflow.parentRunId": parent,
                 **{k: str(v) for k, v in entry.get("tags", {}).items()}}
         run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
         self._trial_runs[trial] = run.info.run_id
@@ -163,21 +173,27 @@ def run_search(
     Raises when every trial of an entry failed (the error of its first trial is shown).
     """
     trainable = tune.with_resources(tune.with_parameters(trainable, contexts=contexts), resources)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=sweep_space(entries, seed),
-        tune_config=tune.TuneConfig(
-            metric=f"val_{metric}", mode=mode, reuse_actors=True, max_concurrent_trials=max_concurrent,
-        ),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, verbose=0, callbacks=callbacks or [],
-            failure_config=tune.FailureConfig(max_failures=max_failures),
-        ),
-    )
+    path = join_uri(storage_path, name)
+    if tune.Tuner.can_restore(path):  # an interrupted search: finished trials are kept, the rest run
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=sweep_space(entries, seed),
+            tune_config=tune.TuneConfig(
+                metric=f"val_{metric}", mode=mode, reuse_actors=True, max_concurrent_trials=max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, verbose=0, callbacks=callbacks or [],
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+            ),
+        )
     grid = tuner.fit()
     by_key: Dict[str, List] = {e["key"]: [] for e in entries}
     for result in grid:
-        by_key[result.config["entry"]["key"]].append(result)
+        key = result.config["entry"]["key"]
+        if key in by_key:  # a restored search may hold entries finished (and cached) before
+            by_key[key].append(result)
     for key, results in by_key.items():
         ok = [r for r in results if r.error is None and f"val_{metric}" in r.metrics]
         if not ok:

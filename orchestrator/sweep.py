@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from orchestrator import report
 from orchestrator.config import SweepConfig
-from orchestrator.plan import BackbonePlan, SweepPlan, join_uri, make_plan
+from orchestrator.plan import BackbonePlan, SweepPlan, content_key, join_uri, make_plan
 from orchestrator.tracking import PARENT_TAG, Tracker, flatten
 
 
@@ -64,6 +64,8 @@ class SweepRunner:
         self.plan: SweepPlan = make_plan(self.cfg)
         self.tracking_uri = self.cfg.resolved_tracking_uri()
         self._ray_started = False
+        #: identity of this sweep: an interrupted run of the same config is resumed, not duplicated
+        self.sweep_key = content_key({"config": self.cfg.model_dump()})
 
     # ------------------------------------------------------------------ stages
     def train(self, tracker: Tracker, parent: str) -> Dict[str, Dict]:
@@ -97,7 +99,10 @@ class SweepRunner:
             results[key] = ray.get(ref)
         for bb in plan.backbones:
             r = results[bb.key]
-            with tracker.run(f"train {bb.label}", parent=parent, tags={"stage": "train", "backbone": bb.label}) as rid:
+            rid, finished = tracker.child(parent, f"train {bb.label}", {"stage": "train", "backbone": bb.label})
+            if finished:  # logged before this sweep was interrupted
+                continue
+            with tracker.closing(rid):
                 tracker.log(rid, params={"arch": bb.arch, "seed": bb.seed, "backbone_key": bb.key,
                                          **{f"params.{k}": v for k, v in bb.params.items()},
                                          **{f"train.{k}": v for k, v in bb.train.items()}},
@@ -165,7 +170,7 @@ class SweepRunner:
 
         cfg, plan = self.cfg, self.plan
         metric, mode = cfg.search.metric, cfg.search.mode
-        entries, contexts, runs, info, cached = [], {}, {}, {}, {}
+        entries, contexts, runs, info, cached, logged = [], {}, {}, {}, {}, set()
         for bb in plan.backbones:
             for det in cfg.detectors:
                 spec = get_spec(det.type)
@@ -176,8 +181,10 @@ class SweepRunner:
                 skey = search_cache.search_key([f.key for f in bb.features], spec.name, det.params, space,
                                                num_samples, metric, cfg.seed)
                 info[key] = (bb, det, space, skey)
-                runs[key] = tracker.start_run(f"{det.label} @ {bb.label}", parent=parent,
-                                              tags={"stage": "detector", "backbone": bb.label, "detector": det.label})
+                runs[key], done = tracker.child(parent, f"{det.label} @ {bb.label}",
+                                                {"stage": "detector", "backbone": bb.label, "detector": det.label})
+                if done:
+                    logged.add(key)
                 record = search_cache.load(cfg.storage, skey)
                 if record is not None:
                     cached[key] = record
@@ -199,7 +206,7 @@ class SweepRunner:
                 by_key = run_search(
                     tune_trial, contexts, entries, metric=metric, mode=mode,
                     max_concurrent=cfg.search.max_concurrent_trials, storage_path=join_uri(cfg.storage, "tune"),
-                    name=f"{cfg.name}-{int(time.time())}", seed=cfg.seed,
+                    name=f"{cfg.name}-{self.sweep_key[:12]}", seed=cfg.seed,
                     resources={"cpu": 1, "gpu": cfg.resources.gpus_per_trial},
                     callbacks=[callback, TrialProgress(bar)], max_failures=cfg.resources.max_retries,
                 )
@@ -210,29 +217,37 @@ class SweepRunner:
             record = search_cache.load(cfg.storage, skey)
             trials = record["trials"]
             best = trials[record["selected"]]
-            if key in cached:  # a reused search still gets its complete set of runs in this sweep
-                for i, t in enumerate(trials):
-                    with tracker.run(f"trial {i:03d}", parent=runs[key],
-                                     tags={"stage": "trial", "cached": "true", "backbone": bb.label,
-                                           "detector": det.label}) as rid:
-                        tracker.log(rid, params=t["params"], metrics=t["metrics"])
-            tracker.log(runs[key], params={**{f"fixed.{k}": v for k, v in det.params.items()},
-                                           **{f"selected.{k}": v for k, v in best["params"].items()},
-                                           "search_space": space, "trials": len(trials)},
-                        metrics=best["metrics"], tags={"cached": str(key in cached).lower(), "search_key": skey})
             scores = load_scores(search_cache.paths(cfg.storage, skey)["scores"])
-            self._figures(tracker, runs[key], f"{det.label} @ {bb.label}", scores)
+            if key not in logged:
+                self._log_detector(tracker, runs[key], bb, det, space, skey, record, scores, reused=key in cached)
             panels.setdefault(bb.label, {})[det.label] = (scores["id-test"],
                                                           {k: v for k, v in scores.items() if k != "id-test"})
             rows.append({"backbone": bb.label, "backbone_key": bb.key, "detector": det.label, "type": det.type,
                          "selected": best["params"], "trials": len(trials), **best["metrics"]})
-            tracker.end_run(runs[key])
         self._grid_figures(tracker, parent, panels)
         accs = {bb.key: backbone_accuracy(next(f.uri for f in bb.features if f.dataset.role == "id_test"))
                 for bb in plan.backbones}
         for row in rows:
             row["id_accuracy"] = accs[row["backbone_key"]]
         return rows
+
+    def _log_detector(self, tracker: Tracker, run_id: str, bb, det, space, skey, record, scores, reused: bool):
+        """The (backbone, detector) run: selected configuration, its metrics and figures; trials of a reused search."""
+        trials = record["trials"]
+        best = trials[record["selected"]]
+        with tracker.closing(run_id):
+            if reused:  # a reused search still gets its complete set of runs in this sweep
+                for i, t in enumerate(trials):
+                    rid, finished = tracker.child(run_id, f"trial {i:03d}", {"stage": "trial", "trial_index": str(i)})
+                    if not finished:
+                        with tracker.closing(rid):
+                            tracker.log(rid, params=t["params"], metrics=t["metrics"],
+                                        tags={"cached": "true", "backbone": bb.label, "detector": det.label})
+            tracker.log(run_id, params={**{f"fixed.{k}": v for k, v in det.params.items()},
+                                        **{f"selected.{k}": v for k, v in best["params"].items()},
+                                        "search_space": space, "trials": len(trials)},
+                        metrics=best["metrics"], tags={"cached": str(reused).lower(), "search_key": skey})
+            self._figures(tracker, run_id, f"{det.label} @ {bb.label}", scores)
 
     def _finish_searches(self, by_key, contexts, info) -> None:
         """Select each search's best trial on validation, score it for the figures, cache both."""
@@ -292,7 +307,10 @@ class SweepRunner:
         tracker = Tracker(self.tracking_uri, cfg.name)
         _say(f"[sweep] {cfg.name}: {len(self.plan.backbones)} backbone(s), {len(cfg.detectors)} detector(s); "
              f"MLflow {self.tracking_uri}, experiment {cfg.name!r}")
-        with tracker.run(f"sweep {cfg.name}", tags={"stage": "sweep"}) as parent:
+        parent, resumed = tracker.open_sweep(f"sweep {cfg.name}", self.sweep_key)
+        if resumed:
+            _say(f"[sweep] resuming the interrupted sweep run {parent}")
+        with tracker.closing(parent):
             tracker.log_text(parent, self.config_text, "config/sweep.yaml")
             tracker.log_text(parent, json.dumps(cfg.model_dump(), indent=2), "config/resolved.json")
             tracker.log(parent, params={k: v for k, v in flatten(cfg.model_dump(exclude={"detectors"})).items()})

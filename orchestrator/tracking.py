@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -49,12 +49,44 @@ class Tracker:
     @contextmanager
     def run(self, name: str, parent: Optional[str] = None, tags: Optional[Dict[str, str]] = None):
         run_id = self.start_run(name, parent, tags)
+        with self.closing(run_id):
+            yield run_id
+
+    @contextmanager
+    def closing(self, run_id: str):
+        """End ``run_id`` as FINISHED, or KILLED (Ctrl-C) / FAILED when the block raises."""
         try:
             yield run_id
         except BaseException:
             self.end_run(run_id, "KILLED" if _interrupted() else "FAILED")
             raise
         self.end_run(run_id)
+
+    # -- resuming -------------------------------------------------------------------------
+    def open_sweep(self, name: str, sweep_key: str) -> Tuple[str, bool]:
+        """The sweep run for ``sweep_key``: an unfinished one is resumed, else a new one is created.
+
+        An interrupted sweep (killed, failed, or still marked running because its process died)
+        started again with the same config continues in the same MLflow run, so no run is duplicated.
+        """
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.stage = 'sweep' and tags.sweep_key = '{sweep_key}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id, True
+        return self.start_run(name, tags={"stage": "sweep", "sweep_key": sweep_key}), False
+
+    def child(self, parent: str, name: str, tags: Dict[str, str]) -> Tuple[str, bool]:
+        """The child run of ``parent`` carrying ``tags`` (created when absent); ``(run_id, finished)``."""
+        clauses = [f"tags.`{PARENT_TAG}` = '{parent}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        found = self.client.search_runs([self.experiment_id], filter_string=" and ".join(clauses), max_results=1)
+        if found:
+            run = found[0]
+            return run.info.run_id, run.info.status == "FINISHED"
+        return self.start_run(name, parent=parent, tags=tags), False
 
     # -- logging (always batched) -------------------------------------------------------
     def log(self, run_id: str, metrics: Optional[Dict[str, float]] = None, params: Optional[Dict] = None,

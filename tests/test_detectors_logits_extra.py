@@ -75,7 +75,8 @@ def ref_gen(logits, gamma, m=None):
 
 def ref_weighted_energy(logits, weights):
     w = np.maximum(np.asarray(weights, np.float64), 0)
-    return np.array([-math.log(sum(wi * math.exp(li) for wi, li in zip(w, row))) for row in np.asarray(logits, np.float64)])
+    rows = np.asarray(logits, np.float64)
+    return np.array([-math.log(sum(wi * math.exp(li) for wi, li in zip(w, row))) for row in rows])
 
 
 def ref_openmax(train_logits, train_y, test_logits, tailsize, alpha, euclid_weight=1.0):
@@ -233,8 +234,9 @@ def test_weibull_mle_matches_scipy_and_maximises_likelihood():
     k, scale = weibull_mle(x, mask)
     for i, r in enumerate(rows):
         c, _, s = weibull_min.fit(r, floc=0)
-        assert float(k[i]) == pytest.approx(c, rel=1e-4) and float(scale[i]) == pytest.approx(s, rel=1e-5)
+        assert float(k[i]) == pytest.approx(c, rel=1e-4) and float(scale[i]) == pytest.approx(s, rel=1e-4)
         ll = weibull_min.logpdf(r, float(k[i]), scale=float(scale[i])).sum()
+        assert ll >= weibull_min.logpdf(r, c, scale=s).sum() - 1e-9  # scipy's optimiser stops a bit short
         for dk in (0.999, 1.001):  # a local maximum of the likelihood in the shape
             assert ll >= weibull_min.logpdf(r, float(k[i]) * dk, scale=float(scale[i])).sum()
     # degenerate rows (a single value, all equal) give a finite step
@@ -265,11 +267,12 @@ pod = pytest.importorskip("pytorch_ood.detector")
 def test_vs_pytorch_ood_temperature_scaling(data):
     ours = _fitted("TemperatureScaling", data)
     theirs = pod.TemperatureScaling(None).fit_logits(data["logits"], data["y"])
-    t_theirs = float(theirs.t)
+    t_theirs = float(theirs.t.detach())
     assert ours.nll <= ref_nll(data["logits"], data["y"], t_theirs) + 1e-7
     with torch.no_grad():
         theirs.t.fill_(ours.t)
-        _agree(ours.predict_logits(data["test"]), theirs.predict_logits(data["test"]), rtol=1e-5, atol=1e-6)
+        test = data["test"].double()  # float32 rounds confident MSPs to -1: ties in different places
+        _agree(ours.predict_logits(test), theirs.predict_logits(test), rtol=1e-5, atol=1e-6)
 
 
 def test_vs_pytorch_ood_kl_matching(data):
@@ -283,9 +286,11 @@ def test_vs_pytorch_ood_entropy(data):
 
 @pytest.mark.parametrize("gamma,m", [(0.1, None), (0.5, 3), (2.0, 100)])
 def test_vs_pytorch_ood_gen(data, gamma, m):
-    theirs = pod.GEN(None, gamma=gamma, M=m).predict_logits(data["test"])
+    test = data["test"] * 0.5  # keep every p above pytorch-ood's clamp at 1e-7
+    assert torch.softmax(test, dim=1).min() > 1e-7
+    theirs = pod.GEN(None, gamma=gamma, M=m).predict_logits(test)
     m_eff = data["n_classes"] if m is None else min(m, data["n_classes"])
-    _agree(GEN(gamma=gamma, M=m).predict_logits(data["test"]), theirs, scale=m_eff, rtol=1e-3)
+    _agree(GEN(gamma=gamma, M=m).predict_logits(test), theirs, scale=m_eff, rtol=1e-4)
 
 
 @pytest.mark.parametrize("alpha", [1, 3, 6])
@@ -295,7 +300,7 @@ def test_vs_pytorch_ood_openmax_and_batch_dependence(data, alpha):
     theirs = pod.OpenMax(None, tailsize=20, alpha=alpha).fit_logits(data["logits"][keep], data["y"][keep])
     test = data["test"]
     assert set(test.argmax(dim=1).tolist()) == set(range(data["n_classes"]))  # every class a top prediction
-    _agree(ours.predict_logits(test), theirs.predict_logits(test), rtol=2e-3, atol=1e-6)
+    _agree(ours.predict_logits(test), theirs.predict_logits(test), rtol=5e-3, atol=1e-6)
     single_ours = torch.cat([ours.predict_logits(test[i : i + 1]) for i in range(40)])
     torch.testing.assert_close(single_ours, ours.predict_logits(test)[:40])
     if alpha > 1:  # theirs: a sample scored alone gets other scores than in the batch
@@ -360,7 +365,7 @@ def test_invalid_inputs_raise(data):
         for x in (bad, inf, data["test"][0], data["test"][None]):
             with pytest.raises(InvalidInputError, match=name):
                 det.predict_logits(x)
-        if name not in ("Entropy", "GEN"):  # fitted on C classes: other C is an error
+        if name not in ("Entropy", "GEN", "TemperatureScaling"):  # fitted on C classes: other C is an error
             with pytest.raises(InvalidInputError, match="classes"):
                 det.predict_logits(data["test"][:, :4])
     for cls in (TemperatureScaling, OpenMax, WeightedEBO):

@@ -7,7 +7,6 @@ pytorch-ood's MahalanobisODIN. GradNormKL: pytorch-ood 0.4.0 has no such class (
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -277,5 +276,9 @@ def test_registry_builds_model_detectors(net, x):
     det = build_detector("ODIN", {"t": 10, "eps": 0.0028, "norm_std": STD})
     det.model = net
     assert det.predict(x).shape == (18,)
+    maha = build_detector("MahalanobisPreprocessed", {"eps": 0.002})
+    maha.model = net  # the classifier: its .features are used
+    maha.fit([(x, torch.arange(18) % 3)])
+    assert maha.predict(x).shape == (18,) and maha.mu.shape == (3, 8)
     with pytest.raises(ValueError, match="model in the loop"):
         fit_detector(build_detector("NACUE", {"layers": ["bn1"]}), {"features": x}, torch.zeros(18))

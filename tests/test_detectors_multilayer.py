@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import ood_core.detectors.multilayer as multilayer
+import ood_core.detectors.gram as gram_module
 from ood_core.api import DetectorError, InvalidInputError, RequiresFitException
 from ood_core.detectors import (
     NACUE, Gram, LayerEnergy, LayerEnergyAggregate, MultiMahalanobis, build_detector, fit_detector, get_spec,
@@ -184,7 +184,7 @@ def test_gram_matches_reference(reps, holdout):
 def test_gram_chunking_is_exact(reps, monkeypatch):
     tr, te, y = {k: v[:30] for k, v in reps["train"].items()}, reps["test"], reps["y"][:30]
     full = Gram(["l2"], powers=4).fit_structured(tr, y)
-    monkeypatch.setattr(multilayer, "CHUNK_ELEMENTS", 80)  # 2 rows of 4 x 9 per chunk
+    monkeypatch.setattr(gram_module, "CHUNK_ELEMENTS", 80)  # 2 rows of 4 x 9 per chunk
     chunked = Gram(["l2"], powers=4).fit_structured(tr, y)
     torch.testing.assert_close(chunked.mins[0], full.mins[0])
     torch.testing.assert_close(chunked.predict_structured(te), full.predict_structured(te))

@@ -143,9 +143,10 @@ class GMM(FeaturesDetector):
                = -\operatorname{logsumexp}_c \big[\log \pi_c - \tfrac12 (MD_c(z) + \log\det \Sigma_c
                  + D \log 2\pi)\big]
 
-    A classic generative baseline (class-conditional Gaussian discriminant; e.g. Lee et al.,
-    arXiv:1807.03888, use a shared covariance). Equal to pytorch-ood 0.4.0's ``GMM`` up to its
-    absolute (not relative) ridge ``reg``. Memory: :math:`C \cdot D^2` float64 for the whiteners.
+    Paper: none introduced it; a classic generative baseline (quadratic discriminant analysis),
+    the per-class-covariance variant of Lee et al., NeurIPS 2018 (arXiv:1807.03888).
+    Equal to pytorch-ood 0.4.0's ``GMM`` up to its absolute (not relative) ridge ``reg``, which
+    matters for near-singular class covariances. Memory: :math:`C \cdot D^2` float64 (whiteners).
 
     :param model: optional callable returning penultimate features (for ``fit``/``predict``)
     :param reg: relative ridge :math:`> 0`

@@ -1,7 +1,7 @@
 """Detectors that need the network itself (registry representation ``"model"``): ODIN, GradNorm,
 GradNormKL, MCD, and Mahalanobis with input preprocessing.
 
-They score raw inputs with ``predict(x)`` (``(N, ...)`` on the model's device -> ``(N,)``), run as
+They score raw inputs with ``predict(x)`` (``(N, ...)``, moved to the model's device -> ``(N,)``), run as
 model-in-the-loop GPU tasks, and use ``model`` (the classifier, logits out) in the mode it is in, so
 call ``model.eval()`` first (MCD switches dropout on by itself). Per-sample results do not depend on
 the rest of the batch in eval mode (MCD: given its random masks).
@@ -21,9 +21,16 @@ from .mahalanobis import Mahalanobis
 
 
 def _inputs(detector, x) -> Tensor:
+    """Validated input batch, moved to the device of the detector's model (if it has parameters)."""
     x = check_input(detector, x, name="inputs")
     if x.ndim < 2:
         raise InvalidInputError(f"{type(detector).__name__}: inputs must be a batch (N, ...), got {tuple(x.shape)}")
+    model = getattr(detector, "model", None)
+    owner = getattr(model, "__self__", model)  # a bound method such as model.features
+    if isinstance(owner, nn.Module):
+        param = next(owner.parameters(), None)
+        if param is not None and param.device != x.device:
+            x = x.to(param.device)
     return x
 
 
@@ -350,9 +357,14 @@ class MahalanobisPreprocessed(Mahalanobis):
 
     def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, eps: float = 0.0014,
                  norm_std: Optional[Sequence[float]] = None):
-        super().__init__(getattr(model, "features", model) if model is not None else None, eps=eps)
-        self.classifier = model
+        super().__init__(model, eps=eps)
         self.norm_std = _check_std("MahalanobisPreprocessed", norm_std)
+
+    def _require_model(self) -> Callable[[Tensor], Tensor]:
+        """The feature extractor: ``model.features`` when the model has one, else ``model`` itself
+        (so ``det.model = classifier`` after :func:`~.registry.build_detector` works)."""
+        model = super()._require_model()
+        return getattr(model, "features", model)
 
     def _preprocess(self, model, x: Tensor) -> Tensor:
         x = _inputs(self, x)

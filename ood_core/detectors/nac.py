@@ -55,11 +55,11 @@ class NACUE(StructuredDetector):
     :math:`\overline{z \odot \partial \mathrm{KL}/\partial z}`, and ``fit_structured`` / ``predict_structured``
     take such a dict. Labels < 0 are ignored when fitting; rows of one sample never affect another.
 
-    Paper: Liu, Lochman & Zach, "Neuron Activation Coverage: Rethinking Out-of-distribution Detection
-    and Generalization", ICLR 2024 (arXiv:2306.02879). pytorch-ood 0.4.0 ``NACUE``: same states,
+    Paper: Liu et al., "Neuron Activation Coverage: Rethinking Out-of-distribution Detection and
+    Generalization", ICLR 2024 (arXiv:2306.02879). pytorch-ood 0.4.0 ``NACUE``: same states,
     geometric bins, coverage and layer sum; it takes ``log(softmax + 1e-12)`` where we use the exact
-    ``log_softmax`` (differs only where a probability is below ~1e-10). The official code keeps only
-    correctly classified training samples; here all ID rows count.
+    ``log_softmax`` (differs only where a probability is below ~1e-10). All ID rows (label >= 0) are
+    counted.
 
     :param model: the classifier (for ``states`` / ``fit`` / ``predict``)
     :param layers: module paths (``model.get_submodule``) whose outputs are the neurons
@@ -69,7 +69,10 @@ class NACUE(StructuredDetector):
     """
 
     requires_fit: ClassVar[bool] = True
-    default_search_space: ClassVar[Dict[str, Any]] = {"alpha": {"grid": [10, 100, 1000]}, "o_star": {"grid": [10, 50, 100]}}
+    default_search_space: ClassVar[Dict[str, Any]] = {
+        "alpha": {"grid": [10, 100, 1000]},
+        "o_star": {"grid": [10, 50, 100]},
+    }
 
     def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, layers: Union[str, Sequence[str]] = (),
                  m_bins: Union[int, Sequence[int]] = 50, alpha: Union[float, Sequence[float]] = 100.0,
@@ -177,7 +180,10 @@ class NACUE(StructuredDetector):
         self.counts = []
         seen = 0
         for batch in data_loader:
-            x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+            if isinstance(batch, (tuple, list)):
+                x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+            else:
+                x, y = batch, None
             states = self.states(x)
             cols = [states[p] for p in self.layers]
             if y is not None:

@@ -43,10 +43,12 @@ def _check_logits(detector, logits, n_classes: Optional[int] = None) -> Tensor:
 class TemperatureScaling(LogitsDetector):
     r"""Maximum softmax probability at the temperature that calibrates the ID logits.
 
-    Fit: :math:`T^\ast = \arg\min_T -\frac1N \sum_i \log \operatorname{softmax}(f(x_i)/T)_{y_i}`
-    (negative log-likelihood of the ID labels), by L-BFGS with a strong-Wolfe line search on
-    :math:`\log T` in float64, with :math:`T` kept in ``[1e-2, 1e3]``.
-    Score: :math:`s(x) = -\max_y \operatorname{softmax}(f(x)/T^\ast)_y`.
+    .. math::
+        T^\ast = \arg\min_T -\frac1N \sum_i \log \operatorname{softmax}(f(x_i)/T)_{y_i}, \qquad
+        s(x) = -\max_y \operatorname{softmax}(f(x)/T^\ast)_y
+
+    Fit: the negative log-likelihood of the ID labels is minimised by L-BFGS with a strong-Wolfe
+    line search on :math:`\log T` in float64, with :math:`T` kept in ``[1e-2, 1e3]``.
 
     Fit on held-out ID data where possible: on the training set of a network that separates it,
     the NLL decreases monotonically as :math:`T \to 0`, and :math:`T^\ast` ends where it is flat

@@ -30,7 +30,8 @@ from .neighbours import DICE, SHE, NNGuide
 from .openmax import OpenMax
 from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
 from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
-from .multilayer import Gram, LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
+from .gram import Gram
+from .multilayer import LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
 from .nac import NACUE
 from .react import ReAct
 from .shaping import ASH, SCALE, VRA, RankFeat

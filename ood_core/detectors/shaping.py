@@ -31,7 +31,10 @@ OPENOOD_PERCENTILES = [65, 70, 75, 80, 85, 90, 95]
 
 
 def parse_head(name: str, head: Head) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(w (K, D), b (K,))`` float32 detached tensors from an ``nn.Linear`` or a tuple (``None`` -> ``(None, None)``)."""
+    """``(w (K, D), b (K,))`` as float32 detached tensors from an ``nn.Linear`` or a tuple.
+
+    ``None`` gives ``(None, None)``; a missing bias gives zeros.
+    """
     if head is None:
         return None, None
     if isinstance(head, nn.Linear):
@@ -258,9 +261,9 @@ class VRA(_HeadShaper):
         \end{cases}, \qquad s(x) = -\log \sum_i e^{l_i}, \quad l = W\,\operatorname{pool}(a') + b
 
     :math:`\alpha`, :math:`\beta` are the ``lower_percentile`` / ``upper_percentile`` percentiles (in
-    percent) of the ID-train activations, over all entries (``per_dimension=False``, as in the
-    paper's code: ``--q1 0.6 --q2 0.9`` for CIFAR-10, our default) or per activation entry
-    (``per_dimension=True``: thresholds of shape ``D`` or ``C x H x W``).
+    percent) of the ID-train activations, over all entries (``per_dimension=False``, default) or per
+    activation entry (``per_dimension=True``: thresholds of shape ``D`` or ``C x H x W``). The defaults
+    60 / 90 are the quantiles of the paper's CIFAR-10 command (``--q1 0.6 --q2 0.9``).
 
     Paper: Xu, Lian, Liu & Tao, "VRA: Variational Rectified Activation for Out-of-distribution
     Detection", NeurIPS 2023 (arXiv:2302.11716). Relation to pytorch-ood 0.4.0: its VRA clamps each
@@ -327,9 +330,9 @@ class VRA(_HeadShaper):
         lo, hi = self.lower, self.upper
         if isinstance(lo, Tensor):
             lo, hi = lo.to(device=x.device, dtype=x.dtype), hi.to(device=x.device, dtype=x.dtype)
-        clipped = torch.clamp(x, max=hi) if isinstance(hi, Tensor) else x.clamp(max=hi)
+        clipped = x.clamp(max=hi)
         if self.below == "clip":
-            return torch.clamp(clipped, min=lo) if isinstance(lo, Tensor) else clipped.clamp(min=lo)
+            return clipped.clamp(min=lo)
         return torch.where(x < lo, torch.zeros_like(x), clipped)
 
 

@@ -1,0 +1,1 @@
+"""Backbone architectures; the public registry is :mod:`ood_core.models`."""

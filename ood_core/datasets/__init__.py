@@ -1,0 +1,1 @@
+"""Data-set implementations; the public registry is :mod:`ood_core.data`."""
