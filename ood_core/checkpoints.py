@@ -201,10 +201,14 @@ def load_user_checkpoint(uri: str, model: nn.Module, *, arch: Optional[str] = No
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "Unsupported global" in str(exc):
+            what = next(l.strip() for l in str(exc).splitlines() if "Unsupported global" in l)
             raise CheckpointError(f"checkpoint {uri} is not a weights-only file (a pickled model object?); "
-                                  f"save model.state_dict() instead ({first})") from exc
-        raise CheckpointError(f"checkpoint {uri} is corrupt or not a torch file: {type(exc).__name__}: {first}") from exc
+                                  f"save model.state_dict() instead ({what})") from exc
+        detail = next((l for l in str(exc).splitlines()
+                       if l.strip().startswith("Unsupported") or "load key" in l or "zip" in l.lower()), first)
+        raise CheckpointError(f"checkpoint {uri} is corrupt or not a torch file: {type(exc).__name__}: "
+                              f"{detail.strip()}") from exc
     state, meta = _unwrap(payload, uri)
     fmt = "ood-sweep" if meta or (isinstance(payload, dict) and payload.get("format") == FORMAT) else "state_dict"
     if arch is not None and meta.get("arch") not in (None, arch):

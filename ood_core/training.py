@@ -381,6 +381,6 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
     if best_state is not None:
         model.load_state_dict(best_state)
     if cuda:
-        model.to(memory_format=torch.channels_last if False else torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history

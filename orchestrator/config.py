@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import ConfigError
 
@@ -67,16 +67,45 @@ class DataConfig(_Strict):
 
 
 class TrainSection(_Strict):
+    """Training settings (mirrors ``ood_core.training.TrainConfig``). ``recipe`` names one of
+    ``ood_core.training.RECIPES``; its values fill every field the file does not set."""
+
+    recipe: Optional[str] = None
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "cosine_epoch", "constant"] = "cosine"
+    schedule: Literal["cosine", "cosine_epoch", "multistep", "constant"] = "cosine"
+    min_lr: float = Field(0.0, ge=0)
+    milestones: List[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: Literal["none", "flip", "crop_flip", "crop_flip_rotate_jitter_erase"] = "none"
+    crop_padding: int = Field(4, ge=0)
     amp: bool = True
     num_workers: int = Field(0, ge=0)
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, recipe):
+        from ood_core.training import RECIPES
+
+        if recipe is not None and recipe not in RECIPES:
+            raise ValueError(f"unknown training recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        return recipe
+
+    @model_validator(mode="after")
+    def _apply_recipe(self):
+        if self.recipe is None:
+            return self
+        from ood_core.training import RECIPES
+
+        for key, value in RECIPES[self.recipe].items():
+            if key not in self.model_fields_set:
+                object.__setattr__(self, key, list(value) if isinstance(value, tuple) else value)
+        return self
 
 
 class BackboneConfig(_Strict):
@@ -85,10 +114,14 @@ class BackboneConfig(_Strict):
     params: Dict[str, Any] = Field(default_factory=dict)
     seeds: List[int] = Field(default_factory=lambda: [0], min_length=1)
     train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: Optional[str] = None  # a trained checkpoint (path / URI) to load instead of training
 
 
 class LayerConfig(_Strict):
-    name: str
+    """A hooked module; its Parquet column is ``name`` (default: the module path), with
+    ``.<reduction>`` appended unless the reduction is ``avgpool`` (e.g. ``conv2``, ``conv2.energy``)."""
+
+    name: Optional[str] = None
     module: Optional[str] = None
     reduction: Literal["none", "avgpool", "max", "energy", "flatten"] = "avgpool"
 
@@ -100,7 +133,7 @@ class ExtractConfig(_Strict):
     @field_validator("layers")
     @classmethod
     def _needs_logits_and_penultimate(cls, layers):
-        names = {l if isinstance(l, str) else l.name for l in layers}
+        names = {l if isinstance(l, str) else (l.name or l.module) for l in layers}
         missing = {"logits", "penultimate"} - names
         if missing:
             raise ValueError(f"must include {sorted(missing)} (detectors and accuracy need them)")
@@ -266,21 +299,21 @@ def validate_semantics(cfg: SweepConfig) -> None:
             raise ConfigError(f"backbones[{i}].name: duplicate backbone name {bb.name!r}")
         names.add(bb.name)
 
-    seen_layers = set()
+    columns = set()
     for i, layer in enumerate(cfg.extract.layers):
         if isinstance(layer, str):
             if layer not in ("logits", "penultimate"):
                 raise ConfigError(
-                    f"extract.layers[{i}]: {layer!r} is not a preset; write {{name: ..., module: ..., reduction: ...}}"
+                    f"extract.layers[{i}]: {layer!r} is not a preset; write {{module: ..., reduction: ...}}"
                 )
-            name = layer
+            column = layer
         else:
-            name = layer.name
-            if layer.module is None and name not in ("logits", "penultimate"):
-                raise ConfigError(f"extract.layers[{i}].module: required for layer {name!r}")
-        if name in seen_layers:
-            raise ConfigError(f"extract.layers[{i}].name: duplicate layer name {name!r}")
-        seen_layers.add(name)
+            if layer.module is None and layer.name not in ("logits", "penultimate"):
+                raise ConfigError(f"extract.layers[{i}].module: required for a hooked layer")
+            column = layer_column(layer)
+        if column in columns:
+            raise ConfigError(f"extract.layers[{i}]: duplicate column {column!r}")
+        columns.add(column)
 
     labels = set()
     for i, det in enumerate(cfg.detectors):
@@ -298,6 +331,14 @@ def validate_semantics(cfg: SweepConfig) -> None:
                 raise ConfigError(
                     f"{path}.params.{key}: {spec.name} has no hyperparameter {key!r}; known: {', '.join(sorted(allowed)) or 'none'}"
                 )
+        if spec.representation == "layers":
+            chosen = det.params.get("layers")
+            if not chosen:
+                raise ConfigError(f"{path}.params.layers: {spec.name} needs the list of extracted columns to use")
+            for j, col in enumerate([chosen] if isinstance(chosen, str) else chosen):
+                if col not in columns:
+                    raise ConfigError(f"{path}.params.layers[{j}]: {col!r} is not an extracted column; "
+                                      f"extracted: {', '.join(sorted(columns))}")
         if det.search is not None:
             for key, value in det.search.items():
                 if key not in allowed:
@@ -307,6 +348,12 @@ def validate_semantics(cfg: SweepConfig) -> None:
                 check_search_spec(f"{path}.search.{key}", value)
                 if key in det.params:
                     raise ConfigError(f"{path}.search.{key}: also fixed in params; give it in one place")
+
+
+def layer_column(layer: "LayerConfig") -> str:
+    """The Parquet column of a hooked layer (same rule as ``ood_core.hooks.LayerSpec.column``)."""
+    name = layer.name or layer.module
+    return name if layer.reduction == "avgpool" or name in ("logits", "penultimate") else f"{name}.{layer.reduction}"
 
 
 def _dataset_identity(ds: DataSetConfig):

@@ -88,7 +88,10 @@ def _layers(cfg: SweepConfig) -> List[Dict]:
         if isinstance(layer, str):
             out.append({"name": layer, "module": None, "reduction": "avgpool"})  # a no-op on (N, D)
         else:
-            out.append({"name": layer.name, "module": layer.module, "reduction": layer.reduction})
+            if layer.module is None:  # logits / penultimate written as a mapping
+                out.append({"name": layer.name, "module": None, "reduction": "avgpool"})
+            else:
+                out.append({"name": layer.name or layer.module, "module": layer.module, "reduction": layer.reduction})
     return out
 
 

@@ -36,6 +36,7 @@ def init_ray() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banners, our own progress bar
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C interrupts the sweep, not only Tune
     address = os.environ.get("RAY_ADDRESS")
     kwargs = dict(include_dashboard=False, logging_level="ERROR", configure_logging=True)
     if address:
@@ -156,7 +157,9 @@ class SweepRunner:
         return {
             "detector": spec.name, "fixed": dict(det.params), "columns": columns,
             "backbone": _bb_dict(bb), "num_classes": self.plan.num_classes, "format": self.plan.input_format,
-            "sets": {f.dataset.label: {"uri": f.uri, "role": f.dataset.role} for f in bb.features},
+            "sets": {f.dataset.label: {"uri": f.uri, "role": f.dataset.role, "dataset": asdict(f.dataset)}
+                     for f in bb.features},
+            "batch_size": self.cfg.extract.batch_size,
         }
 
     def search(self, tracker: Tracker, parent: str) -> List[Dict]:

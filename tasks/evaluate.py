@@ -40,29 +40,100 @@ def _reps(fs, columns, device):
     return reps
 
 
+def _loader(entry: Dict, fmt: Dict, batch_size: int, device):
+    import torch
+
+    from ood_core.data import load_dataset
+    from tasks.runtime import input_format
+
+    ds = entry["dataset"]
+    data = load_dataset(ds["dataset"], split=ds["split"], fmt=input_format(fmt), seed=ds["seed"], **ds["params"])
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
+
+
+def _model_scores(context: Dict, det, spec, device) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Detectors that need the network: run it over every data set (inputs, not cached features).
+
+    ``"model"`` detectors get the network itself (ODIN, GradNorm, MCD, ...); ``"feature_maps"``
+    detectors get ``model.feature_maps(x)``, the maps the classifier pools (RankFeat).
+    """
+    import torch
+
+    from tasks.runtime import load_backbone
+
+    model = load_backbone(context["backbone"], context["num_classes"], context["format"]).to(device).eval()
+    in_loop = spec.representation == "model"
+    if in_loop:
+        det.model = model
+    else:
+        if not hasattr(model, "feature_maps"):
+            raise ValueError(f"{spec.name} needs feature maps, but {context['backbone']['arch']} has no feature_maps()")
+    batch = context.get("batch_size", 256)
+    sets = context["sets"]
+    if det.requires_fit:
+        train = _loader(sets["id-train"], context["format"], batch, device)
+        if in_loop:
+            det.fit(train)
+        else:
+            with torch.no_grad():
+                maps, ys = zip(*[(model.feature_maps(x.to(device)), y) for x, y in train])
+            det.fit_feature_maps(torch.cat(maps), torch.cat(ys).to(device))
+    scores, labels = {}, {}
+    for label, entry in sets.items():
+        if entry["role"] == "id_train":
+            continue
+        out, ys = [], []
+        for x, y in _loader(entry, context["format"], batch, device):
+            x = x.to(device)
+            if in_loop:
+                out.append(det.predict(x).detach())
+            else:
+                with torch.no_grad():
+                    out.append(det.predict_feature_maps(model.feature_maps(x)))
+            ys.append(y)
+        scores[label] = torch.cat(out).float().cpu().numpy()
+        labels[label] = torch.cat(ys).numpy()
+    return scores, labels
+
+
 def score_detector_on_sets(context: Dict, params: Dict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """Fit the detector with ``params`` on ID train; return ``(scores by set label, labels by set label)``."""
+    """Fit the detector with ``params`` on ID train; return ``(scores by set label, labels by set label)``.
+
+    Representation detectors work on the cached Parquet features; detectors that need the network
+    (``"model"``, ``"feature_maps"``) run it over the data sets. Multi-layer detectors with a
+    validation-time choice (per-layer signs of ``LayerEnergyAggregate``) make it on ID val + OOD val.
+    """
     import json
 
     import torch
 
-    from ood_core.detectors.registry import build_detector, fit_detector, get_spec, score_detector
+    from ood_core.detectors.registry import build_detector, detector_params, fit_detector, get_spec, score_detector
     from tasks.runtime import setup_worker
 
     device = setup_worker()
     spec = get_spec(context["detector"])
-    columns = tuple(context["columns"])
+    params = {**context["fixed"], **params}
+    if "norm_std" in detector_params(spec.name) and "norm_std" not in params:
+        params["norm_std"] = list(context["format"]["std"])  # gradient steps in pixel units
     head = None
     if spec.needs_head:
         head = _head(json.dumps(context["backbone"], sort_keys=True), context["num_classes"],
                      json.dumps(context["format"], sort_keys=True))
         head = tuple(t.to(device) for t in head)
-    det = build_detector(spec.name, {**context["fixed"], **params}, head=head)
-    train = _read(context["sets"]["id-train"]["uri"], columns)
+    det = build_detector(spec.name, params, head=head)
+    if spec.representation in ("model", "feature_maps"):
+        return _model_scores(context, det, spec, device)
+    columns = tuple(context["columns"])
+    sets = context["sets"]
+    train = _read(sets["id-train"]["uri"], columns)
     with torch.no_grad():
         fit_detector(det, _reps(train, columns, device), torch.from_numpy(train.labels).to(device))
+        if hasattr(det, "select_signs"):
+            ood_val = [_reps(_read(e["uri"], columns), columns, device) for e in sets.values() if e["role"] == "ood_val"]
+            merged = {k: torch.cat([r[k] for r in ood_val]) for k in ood_val[0]}
+            det.select_signs(_reps(_read(sets["id-val"]["uri"], columns), columns, device), merged)
     scores, labels = {}, {}
-    for label, entry in context["sets"].items():
+    for label, entry in sets.items():
         if entry["role"] == "id_train":
             continue
         fs = _read(entry["uri"], columns)

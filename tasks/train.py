@@ -1,4 +1,4 @@
-"""Ray task: train one backbone (or reuse its content-addressed checkpoint)."""
+"""Ray task: train one backbone (or reuse its content-addressed checkpoint, or load the user's)."""
 from __future__ import annotations
 
 import time
@@ -10,32 +10,55 @@ from tasks.runtime import input_format, setup_worker
 def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -> Dict:
     """Train ``backbone`` on the ID training split and save its checkpoint.
 
-    ``backbone``: a plan entry (key, arch, params, train, seed, checkpoint_uri, label).
-    Returns ``{"key", "sha256", "history", "cached", "seconds"}``. A valid checkpoint at
-    ``checkpoint_uri`` is reused: training is skipped and its stored history returned.
+    ``backbone``: a plan entry (key, arch, params, train, seed, checkpoint_uri, label, and optionally
+    ``checkpoint``: a user checkpoint to load instead of training). Returns ``{"key", "sha256",
+    "history", "cached", "seconds"}`` (plus ``source_checkpoint``, ``source_sha256`` and
+    ``evaluation`` (ID val loss / accuracy) for a user checkpoint). A valid checkpoint at
+    ``checkpoint_uri`` is reused: training is skipped and its stored history returned. Training
+    writes a resume checkpoint (``checkpoint_uri + ".resume"``) every epoch and continues from it
+    when the task is retried; it is removed once the final checkpoint is saved.
     """
     from ood_core import storage
-    from ood_core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, sha256_bytes
+    from ood_core.checkpoints import CheckpointError, load_checkpoint, load_user_checkpoint, save_checkpoint, sha256_bytes
     from ood_core.data import load_dataset
     from ood_core.models import build_model
-    from ood_core.training import TrainConfig, train_classifier
+    from ood_core.training import evaluate_classifier, make_train_config, train_classifier
 
     if storage.exists(backbone["checkpoint_uri"]):
         try:
             _state, meta = load_checkpoint(backbone["checkpoint_uri"])
-            return {"key": backbone["key"], "sha256": sha256_bytes(storage.read_bytes(backbone["checkpoint_uri"])),
-                    "history": meta.get("history", []), "cached": True, "seconds": 0.0}
+            out = {"key": backbone["key"], "sha256": sha256_bytes(storage.read_bytes(backbone["checkpoint_uri"])),
+                   "history": meta.get("history", []), "cached": True, "seconds": 0.0}
+            for k in ("source_checkpoint", "source_sha256", "evaluation"):
+                if k in meta:
+                    out[k] = meta[k]
+            return out
         except CheckpointError:
             pass  # corrupt cache entry: retrain and overwrite
 
     device = setup_worker()
     start = time.perf_counter()
     f = input_format(fmt)
-    train_set = load_dataset(id_data["dataset"], split="train", fmt=f, seed=id_data["seed"], **id_data["params"])
     val_set = load_dataset(id_data["dataset"], split="val", fmt=f, seed=id_data["seed"], **id_data["params"])
     model = build_model(backbone["arch"], num_classes=num_classes, in_channels=f.channels, image_size=f.image_size,
                         seed=backbone["seed"], **backbone["params"])
-    cfg = TrainConfig(**backbone["train"])
+    meta = {"key": backbone["key"], "arch": backbone["arch"], "params": backbone["params"],
+            "num_classes": num_classes, "format": fmt}
+
+    if backbone.get("checkpoint"):
+        info = load_user_checkpoint(backbone["checkpoint"], model, arch=backbone["arch"])  # CheckpointError
+        evaluation = evaluate_classifier(model, val_set, device=device)
+        meta.update(history=[], source_checkpoint=backbone["checkpoint"], source_sha256=info["sha256"],
+                    evaluation=evaluation)
+        sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta)
+        return {"key": backbone["key"], "sha256": sha, "history": [], "cached": False,
+                "seconds": time.perf_counter() - start, "source_checkpoint": backbone["checkpoint"],
+                "source_sha256": info["sha256"], "evaluation": evaluation}
+
+    train_set = load_dataset(id_data["dataset"], split="train", fmt=f, seed=id_data["seed"], **id_data["params"])
+    train = dict(backbone["train"])
+    cfg = make_train_config(train.pop("recipe", None), **train)
+    resume_uri = backbone["checkpoint_uri"] + ".resume"
 
     from ray.experimental.tqdm_ray import tqdm
 
@@ -45,10 +68,11 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
         bar.set_description(f"train {backbone['label']} val_acc={row['val_acc']:.3f}")
         bar.update(1)
 
-    history = train_classifier(model, train_set, val_set, cfg, seed=backbone["seed"], device=device, on_epoch=on_epoch)
+    history = train_classifier(model, train_set, val_set, cfg, seed=backbone["seed"], device=device,
+                               on_epoch=on_epoch, resume_uri=resume_uri, input_format=f)
     bar.close()
-    meta = {"key": backbone["key"], "arch": backbone["arch"], "params": backbone["params"], "history": history,
-            "num_classes": num_classes, "format": fmt}
+    meta["history"] = history
     sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta)
+    storage.remove(resume_uri)
     return {"key": backbone["key"], "sha256": sha, "history": history, "cached": False,
             "seconds": time.perf_counter() - start}

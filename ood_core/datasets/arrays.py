@@ -265,9 +265,12 @@ def build_array_set(name: str, *, split: str, fmt: InputFormat, seed: int, root:
             images, labels = _pooled(src, folder)
         else:
             images, labels = src.load(folder, "test")
-        held = stratified_holdout(labels, int(val_size), seed, stream)
         if split == "val" and int(val_size) == 0:
             raise ValueError(f"dataset {name!r}: the val split is empty with val_size 0")
+        if int(val_size) >= len(labels):
+            raise ValueError(f"dataset {name!r}: val_size {val_size} leaves no test images "
+                             f"(the pool has {len(labels)}; found in {folder})")
+        held = stratified_holdout(labels, int(val_size), seed, stream)
         idx = np.flatnonzero(held if split == "val" else ~held)
     keep, new_labels = remap_classes(name, labels[idx], classes, src.num_classes)
     idx = idx[keep]

@@ -357,10 +357,10 @@ def _decode(path: Path, size: int) -> np.ndarray:
                 im = im.crop((left, top, left + side, top + side))
             if side != size:
                 im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)
     except OSError as exc:
         raise OSError(f"cannot read image {path}: {exc}") from exc
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 class FileImageDataset(Dataset):

@@ -127,7 +127,10 @@ def _make_ood(name: str):
     def build(*, split: str, fmt: InputFormat, seed: int, root: Optional[str] = None, download: bool = False,
               val_size: int = 0, max_samples: Optional[int] = None) -> FileImageDataset:
         _ood_params(name, split, val_size, max_samples)
-        paths = _listing(_require_folder(name, data_root(root), download))
+        folder = _require_folder(name, data_root(root), download)
+        paths = _listing(folder)
+        if int(val_size) >= len(paths):
+            raise ValueError(f"dataset {name!r}: val_size {val_size} leaves no test images ({len(paths)} in {folder})")
         held = stratified_holdout(np.zeros(len(paths), dtype=np.int64), int(val_size), seed, _stream(name))
         idx = subsample(np.flatnonzero(held if split == "val" else ~held), max_samples, seed, _stream(name))
         return FileImageDataset([paths[i] for i in idx], np.full(len(idx), -1), fmt, None, name)
@@ -215,9 +218,12 @@ def build_tinyimagenet(*, split: str, fmt: InputFormat, seed: int, root: Optiona
     labels = np.array([pos.get(w, -1) for w in wnids], dtype=np.int64)
     idx = np.flatnonzero(labels >= 0)
     if split != "test":
-        held = stratified_holdout(labels[idx], int(val_size), seed, _stream("tinyimagenet"))
         if split == "val" and int(val_size) == 0:
             raise ValueError("dataset 'tinyimagenet': the val split is empty with val_size 0")
+        if int(val_size) >= len(idx):
+            raise ValueError(f"dataset 'tinyimagenet': val_size {val_size} leaves no training images "
+                             f"({len(idx)} in {base / 'train'})")
+        held = stratified_holdout(labels[idx], int(val_size), seed, _stream("tinyimagenet"))
         idx = idx[held if split == "val" else ~held]
     idx = subsample(idx, max_samples, seed, _stream("tinyimagenet"))
     return FileImageDataset([paths[i] for i in idx], labels[idx], fmt, len(kept), "tinyimagenet")
