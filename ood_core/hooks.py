@@ -329,3 +329,39 @@ def extract_features(model: nn.Module, loader: Iterable, layers: Sequence[LayerS
     fs, path = resolve(uri)
     return {"n": n, "batches": batches, "seconds": seconds, "samples_per_s": n / seconds if seconds > 0 else float("inf"),
             "columns": [s.column for s in layers], "uri": str(uri), "bytes": fs.get_file_info(path).size}
+
+
+LAYER_PRESETS = ("penultimate", "blocks", "all")
+
+
+def select_layers(model: nn.Module, *, preset: Optional[str] = None, types: Optional[Sequence[str]] = None,
+                  pattern: Optional[str] = None, example_input: Optional[Tensor] = None) -> List[str]:
+    """Module names chosen by a preset, by module type names, or by a glob pattern, in network order.
+
+    * ``preset="all"``: every Conv2d / BatchNorm2d / Linear layer (the layers of ``000_*``);
+    * ``preset="blocks"``: the model's main stages (``model.stages`` when it declares them, else the
+      top-level children that contain a convolution);
+    * ``preset="penultimate"``: the module whose output the classifier head reads (``model.stages[-1]``);
+    * ``types=["Conv2d", ...]``: modules whose class name is listed;
+    * ``pattern="layer*.conv1"``: modules whose dotted name matches the glob (:mod:`fnmatch`).
+    """
+    import fnmatch
+
+    if preset is not None:
+        if preset not in LAYER_PRESETS:
+            raise ValueError(f"unknown layer preset {preset!r}; choose from {LAYER_PRESETS}")
+        if preset == "all":
+            return hookable_layers(model, DEFAULT_HOOK_TYPES, example_input)
+        stages = list(getattr(model, "stages", None) or [])
+        if not stages:
+            stages = [n for n, m in model.named_children()
+                      if any(isinstance(s, nn.Conv2d) for s in m.modules())]
+        return stages[-1:] if preset == "penultimate" else stages
+    names = [n for n, m in model.named_modules() if n]
+    modules = dict(model.named_modules())
+    if types is not None:
+        wanted = set(types)
+        names = [n for n in names if type(modules[n]).__name__ in wanted]
+    if pattern is not None:
+        names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return names

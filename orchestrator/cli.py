@@ -59,7 +59,7 @@ def cmd_validate(args) -> int:
     plan = make_plan(cfg)
     sets = len(plan.backbones[0].features)
     print(f"{args.config}: ok — {len(plan.backbones)} backbone run(s), {sets} data sets, "
-          f"{len(plan.layers)} representations, {len(cfg.detectors)} detectors")
+          f"{len(plan.backbones[0].layers)} representations, {len(cfg.detectors)} detectors")
     return 0
 
 

@@ -123,6 +123,9 @@ class LayerConfig(_Strict):
 
     name: Optional[str] = None
     module: Optional[str] = None
+    preset: Optional[Literal["penultimate", "blocks", "all"]] = None
+    types: Optional[List[str]] = None
+    pattern: Optional[str] = None
     reduction: Literal["none", "avgpool", "max", "energy", "flatten"] = "avgpool"
 
 
@@ -133,7 +136,7 @@ class ExtractConfig(_Strict):
     @field_validator("layers")
     @classmethod
     def _needs_logits_and_penultimate(cls, layers):
-        names = {l if isinstance(l, str) else (l.name or l.module) for l in layers}
+        names = {l if isinstance(l, str) else l.name for l in layers}
         missing = {"logits", "penultimate"} - names
         if missing:
             raise ValueError(f"must include {sorted(missing)} (detectors and accuracy need them)")
@@ -249,7 +252,19 @@ def _check_dataset(path: str, dataset: str, params: Dict[str, Any]) -> None:
 
 
 def check_search_spec(path: str, spec: Any) -> None:
-    """Validate one search spec (grid / distributions / fixed scalar); raise ConfigError."""
+    """Validate one search spec (grid / distributions / fixed value); raise ConfigError.
+
+    A list holding at least one spec searches a list-valued hyperparameter element by element, e.g.
+    per-layer weights ``[{uniform: [0, 1]}, {uniform: [0, 1]}]``; a list of plain values is fixed.
+    """
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"{path}: an empty list")
+        for i, item in enumerate(spec):
+            if isinstance(item, list):
+                raise ConfigError(f"{path}[{i}]: nested lists are not searchable")
+            check_search_spec(f"{path}[{i}]", item)
+        return
     if not isinstance(spec, dict):
         if isinstance(spec, (int, float, str, bool)) or spec is None:
             return  # a fixed value
@@ -299,21 +314,25 @@ def validate_semantics(cfg: SweepConfig) -> None:
             raise ConfigError(f"backbones[{i}].name: duplicate backbone name {bb.name!r}")
         names.add(bb.name)
 
-    columns = set()
     for i, layer in enumerate(cfg.extract.layers):
         if isinstance(layer, str):
             if layer not in ("logits", "penultimate"):
                 raise ConfigError(
-                    f"extract.layers[{i}]: {layer!r} is not a preset; write {{module: ..., reduction: ...}}"
+                    f"extract.layers[{i}]: {layer!r} is not a representation; write {{module: ...}}, "
+                    "{preset: blocks|all|penultimate}, {types: [Conv2d]} or {pattern: 'layer*.conv1'}"
                 )
-            column = layer
-        else:
-            if layer.module is None and layer.name not in ("logits", "penultimate"):
-                raise ConfigError(f"extract.layers[{i}].module: required for a hooked layer")
-            column = layer_column(layer)
-        if column in columns:
-            raise ConfigError(f"extract.layers[{i}]: duplicate column {column!r}")
-        columns.add(column)
+            continue
+        chosen = [k for k in ("module", "preset", "types", "pattern") if getattr(layer, k) is not None]
+        if layer.name in ("logits", "penultimate") and not chosen:
+            continue
+        if not chosen:
+            raise ConfigError(f"extract.layers[{i}]: give module, preset, types or pattern")
+        if "module" in chosen and len(chosen) > 1:
+            raise ConfigError(f"extract.layers[{i}]: module names one layer; it cannot be combined with {chosen[1]}")
+        if "preset" in chosen and len(chosen) > 1:
+            raise ConfigError(f"extract.layers[{i}]: a preset cannot be combined with {chosen[1]}")
+        if layer.name is not None and "module" not in chosen:
+            raise ConfigError(f"extract.layers[{i}].name: only a single module can be renamed")
 
     labels = set()
     for i, det in enumerate(cfg.detectors):
@@ -331,14 +350,6 @@ def validate_semantics(cfg: SweepConfig) -> None:
                 raise ConfigError(
                     f"{path}.params.{key}: {spec.name} has no hyperparameter {key!r}; known: {', '.join(sorted(allowed)) or 'none'}"
                 )
-        if spec.representation == "layers":
-            chosen = det.params.get("layers")
-            if not chosen:
-                raise ConfigError(f"{path}.params.layers: {spec.name} needs the list of extracted columns to use")
-            for j, col in enumerate([chosen] if isinstance(chosen, str) else chosen):
-                if col not in columns:
-                    raise ConfigError(f"{path}.params.layers[{j}]: {col!r} is not an extracted column; "
-                                      f"extracted: {', '.join(sorted(columns))}")
         if det.search is not None:
             for key, value in det.search.items():
                 if key not in allowed:
@@ -348,12 +359,6 @@ def validate_semantics(cfg: SweepConfig) -> None:
                 check_search_spec(f"{path}.search.{key}", value)
                 if key in det.params:
                     raise ConfigError(f"{path}.search.{key}: also fixed in params; give it in one place")
-
-
-def layer_column(layer: "LayerConfig") -> str:
-    """The Parquet column of a hooked layer (same rule as ``ood_core.hooks.LayerSpec.column``)."""
-    name = layer.name or layer.module
-    return name if layer.reduction == "avgpool" or name in ("logits", "penultimate") else f"{name}.{layer.reduction}"
 
 
 def _dataset_identity(ds: DataSetConfig):

@@ -63,7 +63,12 @@ class BackbonePlan:
     params: Dict
     train: Dict
     checkpoint_uri: str
+    layers: List[Dict] = field(default_factory=list)
     features: List[FeatureJob] = field(default_factory=list)
+
+    @property
+    def columns(self) -> List[str]:
+        return [_column(l) for l in self.layers]
 
     @property
     def label(self) -> str:
@@ -75,24 +80,61 @@ class SweepPlan:
     config: SweepConfig
     input_format: Dict
     num_classes: int
-    layers: List[Dict]
     backbones: List[BackbonePlan]
 
     def datasets(self, backbone: BackbonePlan, role: Optional[str] = None) -> List[FeatureJob]:
         return [f for f in backbone.features if role is None or f.dataset.role == role]
 
 
-def _layers(cfg: SweepConfig) -> List[Dict]:
-    out = []
-    for layer in cfg.extract.layers:
-        if isinstance(layer, str):
-            out.append({"name": layer, "module": None, "reduction": "avgpool"})  # a no-op on (N, D)
-        else:
-            if layer.module is None:  # logits / penultimate written as a mapping
-                out.append({"name": layer.name, "module": None, "reduction": "avgpool"})
-            else:
-                out.append({"name": layer.name or layer.module, "module": layer.module, "reduction": layer.reduction})
+def _layers(cfg: SweepConfig, model, arch: str) -> List[Dict]:
+    """The extracted representations for one backbone: presets / type / pattern selectors expanded."""
+    from ood_core.hooks import select_layers
+
+    modules = dict(model.named_modules())
+    out: List[Dict] = []
+    for j, layer in enumerate(cfg.extract.layers):
+        if isinstance(layer, str) or (layer.module is None and layer.name in ("logits", "penultimate")):
+            name = layer if isinstance(layer, str) else layer.name
+            out.append({"name": name, "module": None, "reduction": "avgpool"})  # avgpool: a no-op on (N, D)
+            continue
+        if layer.module is not None:
+            if layer.module not in modules:
+                known = ", ".join(n for n in modules if n)
+                raise ConfigError(f"extract.layers[{j}].module: {arch} has no module {layer.module!r}; known: {known}")
+            out.append({"name": layer.name or layer.module, "module": layer.module, "reduction": layer.reduction})
+            continue
+        names = select_layers(model, preset=layer.preset, types=layer.types, pattern=layer.pattern)
+        if not names:
+            raise ConfigError(f"extract.layers[{j}]: selects no module of {arch}")
+        out += [{"name": n, "module": n, "reduction": layer.reduction} for n in names]
+    seen = set()
+    for layer in out:
+        column = _column(layer)
+        if column in seen:
+            raise ConfigError(f"extract.layers: column {column!r} is extracted twice for {arch}")
+        seen.add(column)
     return out
+
+
+def _column(layer: Dict) -> str:
+    from ood_core.hooks import LayerSpec
+
+    return LayerSpec(**layer).column
+
+
+def _check_detector_layers(cfg: SweepConfig, columns: List[str], arch: str) -> None:
+    from ood_core.detectors.registry import get_spec
+
+    for i, det in enumerate(cfg.detectors):
+        if get_spec(det.type).representation != "layers":
+            continue
+        chosen = det.params.get("layers")
+        if not chosen:
+            raise ConfigError(f"detectors[{i}].params.layers: {det.type} needs the list of extracted columns to use")
+        for j, col in enumerate([chosen] if isinstance(chosen, str) else chosen):
+            if col not in columns:
+                raise ConfigError(f"detectors[{i}].params.layers[{j}]: {col!r} is not extracted for {arch}; "
+                                  f"extracted: {', '.join(columns)}")
 
 
 def resolve_input_format(cfg: SweepConfig):
@@ -132,22 +174,15 @@ def count_classes(cfg: SweepConfig, fmt) -> int:
     return int(ds.tensors[1].max()) + 1
 
 
-def _check_modules(cfg: SweepConfig, fmt, num_classes: int, layers: List[Dict]) -> None:
+def _build(cfg: SweepConfig, i: int, fmt, num_classes: int):
     from ood_core.models import build_model
 
-    for i, bb in enumerate(cfg.backbones):
-        try:
-            model = build_model(bb.arch, num_classes=num_classes, in_channels=fmt.channels,
-                                image_size=fmt.image_size, **bb.params)
-        except TypeError as exc:
-            raise ConfigError(f"backbones[{i}].params: {exc}") from None
-        modules = dict(model.named_modules())
-        for j, layer in enumerate(layers):
-            if layer["module"] and layer["module"] not in modules:
-                known = ", ".join(n for n in modules if n)
-                raise ConfigError(
-                    f"extract.layers[{j}].module: {bb.arch} has no module {layer['module']!r}; known: {known}"
-                )
+    bb = cfg.backbones[i]
+    try:
+        return build_model(bb.arch, num_classes=num_classes, in_channels=fmt.channels, image_size=fmt.image_size,
+                           **bb.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"backbones[{i}].params: {exc}") from None
 
 
 def _dataset_jobs(cfg: SweepConfig) -> List[DataSetJob]:
@@ -177,21 +212,21 @@ def backbone_key(cfg: SweepConfig, bb: BackboneConfig, seed: int, fmt) -> str:
 def make_plan(cfg: SweepConfig) -> SweepPlan:
     fmt = resolve_input_format(cfg)
     num_classes = count_classes(cfg, fmt)
-    layers = _layers(cfg)
-    _check_modules(cfg, fmt, num_classes, layers)
     jobs = _dataset_jobs(cfg)
     backbones = []
-    for bb in cfg.backbones:
+    for i, bb in enumerate(cfg.backbones):
+        layers = _layers(cfg, _build(cfg, i, fmt, num_classes), bb.arch)
+        _check_detector_layers(cfg, [_column(l) for l in layers], bb.arch)
         for seed in bb.seeds:
             key = backbone_key(cfg, bb, seed, fmt)
             plan = BackbonePlan(
                 name=bb.name, seed=seed, key=key, arch=bb.arch, params=dict(bb.params),
                 train=bb.train.model_dump(), checkpoint_uri=join_uri(cfg.storage, "checkpoints", f"{key}.pt"),
+                layers=layers,
             )
             for job in jobs:
                 fkey = content_key({"v": EXTRACT_VERSION, "backbone": key, "data": job.spec(),
                                     "format": fmt.__dict__, "layers": layers})
                 plan.features.append(FeatureJob(job, fkey, join_uri(cfg.storage, "features", key, f"{fkey}.parquet")))
             backbones.append(plan)
-    return SweepPlan(config=cfg, input_format=dict(fmt.__dict__), num_classes=num_classes, layers=layers,
-                     backbones=backbones)
+    return SweepPlan(config=cfg, input_format=dict(fmt.__dict__), num_classes=num_classes, backbones=backbones)

@@ -10,10 +10,14 @@ import pandas as pd
 def _fmt_params(selected: Dict) -> str:
     if not selected:
         return "-"
-    parts = []
-    for k, v in selected.items():
-        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    return ", ".join(parts)
+    def show(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(show(i) for i in v) + "]"
+        return str(v)
+
+    return ", ".join(f"{k}={show(v)}" for k, v in selected.items())
 
 
 def results_frame(rows: Iterable[Dict]) -> pd.DataFrame:

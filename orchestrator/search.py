@@ -10,6 +10,7 @@ spec                       Tune
 ``{uniform: [lo, hi]}``    ``tune.uniform(lo, hi)``
 ``{loguniform: [lo, hi]}`` ``tune.loguniform(lo, hi)``
 ``{randint: [lo, hi]}``    ``tune.randint(lo, hi + 1)`` (both ends included)
+``[spec, spec, ...]``      a list searched element-wise (per-layer weights)
 a plain value              fixed
 =========================  =================================
 
@@ -29,6 +30,8 @@ from orchestrator.plan import join_uri
 
 
 def to_tune_domain(spec: Any):
+    if isinstance(spec, list):  # element-wise search of a list-valued hyperparameter
+        return [to_tune_domain(item) for item in spec]
     if not isinstance(spec, dict):
         return spec
     (kind, value), = spec.items()
@@ -49,8 +52,14 @@ def param_space(search: Dict[str, Any]) -> Dict[str, Any]:
     return {name: to_tune_domain(spec) for name, spec in search.items()}
 
 
+def _random(spec: Any) -> bool:
+    if isinstance(spec, list):
+        return any(_random(item) for item in spec)
+    return isinstance(spec, dict) and next(iter(spec)) != "grid"
+
+
 def is_random(search: Dict[str, Any]) -> bool:
-    return any(isinstance(s, dict) and next(iter(s)) != "grid" for s in search.values())
+    return any(_random(s) for s in search.values())
 
 
 class BatchedMLflowCallback(MLflowLoggerCallback):

@@ -124,23 +124,23 @@ class SweepRunner:
 
         cfg, plan = self.cfg, self.plan
         res = cfg.resources
-        columns = [LayerSpec(**l).column for l in plan.layers]
         remote = ray.remote(extract_dataset).options(num_cpus=res.cpus_per_task, num_gpus=res.gpus_per_task,
                                                      max_retries=res.max_retries)
         refs, cached = [], 0
         for bb in plan.backbones:
             for f in bb.features:
-                if validate_feature_file(f.uri, columns):
+                if validate_feature_file(f.uri, bb.columns):
                     cached += 1
                     continue
                 self._ray()
-                refs.append(remote.remote(_bb_dict(bb), _feature_dict(f), plan.layers, plan.num_classes,
+                refs.append(remote.remote(_bb_dict(bb), _feature_dict(f), bb.layers, plan.num_classes,
                                           plan.input_format, cfg.extract.batch_size))
         total = cached + len(refs)
         if cached:
             _say(f"[extract] reusing {cached} of {total} cached feature files")
         if refs:
-            _say(f"[extract] extracting {len(refs)} feature files ({len(plan.layers)} representations each)")
+            _say(f"[extract] extracting {len(refs)} feature files "
+                 f"({', '.join(str(len(bb.layers)) for bb in plan.backbones)} representations per backbone)")
             with tqdm(total=len(refs), desc="extract", unit="set", file=sys.stdout) as bar:
                 left = refs
                 while left:
@@ -153,9 +153,8 @@ class SweepRunner:
         from ood_core.hooks import LayerSpec
 
         spec = get_spec(det.type)
-        columns = [LayerSpec(**l).column for l in self.plan.layers]
         return {
-            "detector": spec.name, "fixed": dict(det.params), "columns": columns,
+            "detector": spec.name, "fixed": dict(det.params), "columns": bb.columns,
             "backbone": _bb_dict(bb), "num_classes": self.plan.num_classes, "format": self.plan.input_format,
             "sets": {f.dataset.label: {"uri": f.uri, "role": f.dataset.role, "dataset": asdict(f.dataset)}
                      for f in bb.features},
@@ -233,6 +232,31 @@ class SweepRunner:
         for row in rows:
             row["id_accuracy"] = accs[row["backbone_key"]]
         return rows
+
+    def layer_analysis(self, tracker: Tracker, parent: str) -> None:
+        """Per-layer energy AUROC (``000_*``) of every backbone with ``*.energy`` columns: table + bar charts."""
+        import pandas as pd
+
+        from ood_core.plots import per_layer_auroc_figure
+        from tasks.analysis import per_layer_analysis
+
+        for bb in self.plan.backbones:
+            energy = [c for c in bb.columns if c.endswith(".energy")]
+            if not energy:
+                continue
+            sets = {f.dataset.label: {"uri": f.uri, "role": f.dataset.role} for f in bb.features}
+            rows = per_layer_analysis(sets, energy)
+            frame = pd.DataFrame(rows)
+            tracker.log_table(parent, frame, f"per_layer_{bb.label}")
+            final = rows[-1]
+            for key in [k for k in rows[0] if k.startswith("auroc/")]:
+                ood = key.split("/", 1)[1]
+                fig = per_layer_auroc_figure([r["layer"] for r in rows[:-1]], [r[key] for r in rows[:-1]], final[key],
+                                             f"{bb.label}: energy AUROC per layer vs {ood} (direction fixed on val)")
+                tracker.log_figure(parent, fig, f"per_layer/{bb.label}_{ood}.png")
+            better = [r["layer"] for r in rows[:-1] if any(r[k] > final[k] for k in r if k.startswith("auroc/"))]
+            _say(f"[layers] {bb.label}: {len(rows) - 1} layers analysed; beating the final layer on some OOD set: "
+                 f"{', '.join(better) or 'none'}")
 
     def _log_detector(self, tracker: Tracker, run_id: str, bb, det, space, skey, record, scores, reused: bool):
         """The (backbone, detector) run: selected configuration, its metrics and figures; trials of a reused search."""
@@ -320,6 +344,7 @@ class SweepRunner:
             self.train(tracker, parent)
             self.extract()
             rows = self.search(tracker, parent)
+            self.layer_analysis(tracker, parent)
             frame = report.results_frame(rows)
             tracker.log_table(parent, frame, "results")
             tracker.log(parent, metrics=report.summary_metrics(rows),

@@ -41,7 +41,7 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
     f = input_format(fmt)
     val_set = load_dataset(id_data["dataset"], split="val", fmt=f, seed=id_data["seed"], **id_data["params"])
     model = build_model(backbone["arch"], num_classes=num_classes, in_channels=f.channels, image_size=f.image_size,
-                        seed=backbone["seed"], **backbone["params"])
+                        seed=backbone["seed"], load_weights=not backbone.get("checkpoint"), **backbone["params"])
     meta = {"key": backbone["key"], "arch": backbone["arch"], "params": backbone["params"],
             "num_classes": num_classes, "format": fmt}
 

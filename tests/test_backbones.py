@@ -1,5 +1,4 @@
 """Backbones: the detector-facing contract on tiny inputs, pretrained weights, user checkpoints."""
-import io
 import hashlib
 
 import pytest
@@ -16,8 +15,10 @@ DIMS = {"small_cnn": 128, "resnet18": 512, "resnet34": 512, "vgg16": 512, "dense
 def _plain_cpu_convolutions():
     """oneDNN builds a kernel per new convolution shape (seconds for DenseNet's ~100 shapes on a
     busy 2-core machine); the native kernels answer these tiny inputs at once."""
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = before
 
 
 # input size -> feature-map size (small inputs keep the CPU test fast; the CIFAR nets see 32x32)

@@ -1,0 +1,403 @@
+"""LA-OOD: one-class SVMs on several layers, combined by max (registry representation ``"layers"``).
+
+* :func:`self_adaptive_shifting` / :func:`select_gamma`: pseudo outliers and pseudo targets made from ID
+  data only, and the RBF width they select (Wang et al. 2018);
+* :class:`LAOOD`: per-layer OCSVM scores, standardised on held-out ID training rows, max over layers;
+* :class:`LAOODEarlyExit`: the same scores visited in network order; a sample stops at the first
+  decisive layer (ES-OOD).
+
+The OCSVMs are scikit-learn's (CPU, float64); inputs may be tensors on any device or numpy arrays and
+scores come back as a tensor on the input's device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..api import InvalidInputError, StructuredDetector
+from .multilayer import _id_rows, _layer_names, _per_layer, _pooled, _same_rows, layer_column
+
+#: default RBF widths, as multiples of 1/D (scikit-learn's ``gamma="scale"`` for standardised features)
+GAMMA_GRID = tuple(float(g) for g in np.logspace(-2, 2, 9))
+#: fewest ID training rows LA-OOD fits on (the k-NN edge detection needs a neighbourhood)
+MIN_ROWS = 10
+
+
+def _knn(x: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=k).fit(x)
+    return nn.kneighbors()  # without X: a point is not its own neighbour, even with duplicates
+
+
+def self_adaptive_shifting(
+    x, k: Optional[int] = None, edge_threshold: float = 0.1
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Pseudo outliers and pseudo targets from one-class data ``x`` ``(n, D)`` (Wang et al. 2018).
+
+    With :math:`x_{ij}` the :math:`k` nearest neighbours of :math:`x_i` (default
+    :math:`k = \lceil 5 \log_{10} n \rceil`) and :math:`v_{ij} = (x_i - x_{ij}) / \lVert x_i - x_{ij} \rVert`:
+
+    * edge patterns: :math:`n_i = \sum_j v_{ij}` (the negative mean direction of the neighbours) and
+      :math:`l_i = \frac1k \sum_j [v_{ij}^\top n_i \ge 0]`; :math:`x_i` is an edge pattern when
+      :math:`l_i \ge 1 - \text{edge\_threshold}` (all, or nearly all, neighbours lie behind it). When no
+      point qualifies, the 10 % with the largest :math:`l_i` are used;
+    * pseudo outliers: every edge pattern shifted outward, :math:`x_i + \ell\, n_i / \lVert n_i \rVert`, by
+      the self-adaptive length :math:`\ell` = mean distance of the edge patterns to their neighbours;
+    * pseudo targets: every sample shifted inward, :math:`x_i - d_i\, n_i / \lVert n_i \rVert` with
+      :math:`d_i` the smallest positive projection of :math:`x_{ij} - x_i` on that inward direction (0
+      when there is none), so a shifted sample does not pass its nearest neighbour in that direction.
+
+    Returns ``(pseudo_outliers (m, D), pseudo_targets (n, D), edge_mask (n,))`` as float64 arrays.
+
+    Paper: S. Wang, Q. Liu, E. Zhu, F. Porikli, J. Yin, "Hyperparameter selection of one-class support
+    vector machine by self-adaptive data shifting", Pattern Recognition 74 (2018); edge detection after
+    Li & Maguire, "Selecting critical patterns based on local geometrical and statistical information",
+    TPAMI 2011.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    if x.ndim != 2 or n < 3:
+        raise ValueError(f"self_adaptive_shifting: need (n >= 3, D) data, got shape {x.shape}")
+    k = int(k) if k else math.ceil(5 * math.log10(n))
+    k = max(1, min(k, n - 1))
+    dist, idx = _knn(x, k)
+    inv = 1.0 / np.maximum(dist, 1e-12)
+    normal = np.zeros_like(x)
+    for j in range(k):  # loops over k (not over samples) keep memory at O(n D)
+        normal += (x - x[idx[:, j]]) * inv[:, j : j + 1]
+    behind = np.zeros(n)
+    for j in range(k):
+        behind += np.einsum("nd,nd->n", (x - x[idx[:, j]]) * inv[:, j : j + 1], normal) >= 0
+    norm = np.linalg.norm(normal, axis=1)
+    ok = norm > 1e-12
+    l = np.where(ok, behind / k, 0.0)
+    edge = (l >= 1.0 - edge_threshold) & ok
+    if not edge.any():
+        edge = l >= np.quantile(l, 0.9)
+        edge &= ok
+        if not edge.any():
+            edge = np.ones(n, dtype=bool)
+    unit = np.where(ok[:, None], normal / np.where(ok, norm, 1.0)[:, None], 0.0)
+    shift = float(dist[edge].mean())
+    outliers = x[edge] + shift * unit[edge]
+    inward = -unit
+    step = np.full(n, np.inf)
+    for j in range(k):
+        proj = np.einsum("nd,nd->n", x[idx[:, j]] - x, inward)
+        step = np.where((proj > 0) & (proj < step), proj, step)
+    step = np.where(np.isfinite(step), step, 0.0)
+    targets = x + step[:, None] * inward
+    return outliers, targets, edge
+
+
+def select_gamma(x, outliers, targets, gammas: Sequence[float], nu: float = 0.001):
+    r"""RBF width minimising :math:`err(\gamma) = \text{accepted pseudo outliers} / m + \text{rejected
+    pseudo targets} / n` of ``OneClassSVM(nu, gamma).fit(x)``; ties go to the smallest :math:`\gamma` (the
+    smoothest boundary). Returns ``(gamma, model fitted with it, errors (len(gammas),))``."""
+    from sklearn.svm import OneClassSVM
+
+    best = None
+    errors = []
+    for g in gammas:
+        svm = OneClassSVM(kernel="rbf", nu=nu, gamma=float(g)).fit(x)
+        err = float(np.mean(svm.predict(outliers) == 1) + np.mean(svm.predict(targets) == -1))
+        errors.append(err)
+        if best is None or err < best[0]:
+            best = (err, float(g), svm)
+    return best[1], best[2], np.asarray(errors)
+
+
+class LAOOD(StructuredDetector):
+    r"""Layer-adaptive OOD detection: one OCSVM per layer on pooled features, max of standardised scores.
+
+    Per layer :math:`l`, the feature :math:`f_l(x)` is the spatial mean of the layer output (``(N, D_l)``
+    columns as they are, ``(N, C, H, W)`` averaged over space), standardised per dimension with the mean
+    and standard deviation of the ID training rows: :math:`\tilde f_l = (f_l - m_l) / s_l`. An RBF
+    one-class SVM (:math:`\nu` = ``nu`` = 0.001, as in the paper; not searched) is fitted on up to
+    ``max_fit_samples`` ID rows (seeded subsample); its width :math:`\gamma_l` is chosen from
+    ``gamma_grid / D_l`` with pseudo outliers and pseudo targets made from those ID rows only
+    (:func:`self_adaptive_shifting`, :func:`select_gamma`), unless ``gamma`` fixes it. Score:
+
+    .. math:: s(x) = \max_l z_l(x), \qquad z_l(x) = \frac{-g_l(\tilde f_l(x)) - \mu_l}{\sigma_l}
+
+    with :math:`g_l` the OCSVM decision function (so :math:`-g_l` is higher = more OOD) and
+    :math:`\mu_l, \sigma_l` its mean and standard deviation on a held-out part of ID train (``holdout``
+    fraction, at most ``max_fit_samples`` rows, disjoint from the SVM's rows; the SVM's own rows when
+    fewer than 2 are held out). The standardisation makes the layers comparable before the max; the
+    authors' code takes the max of the raw :math:`-g_l`. Layers are listed in ``layers``;
+    :meth:`predict_per_layer` gives the ``(N, L)`` matrix :math:`z_l(x)`.
+
+    Paper: H. Wang et al., "Layer Adaptive Deep Neural Networks for
+    Out-of-distribution Detection", PAKDD 2022 (code: github.com/haoliangwang86/LA-OOD); gamma selection:
+    S. Wang et al., Pattern Recognition 74 (2018).
+
+    :param layers: column names of the layers (pooled ``(N, D)`` or ``(N, C, H, W)`` columns)
+    :param nu: OCSVM :math:`\nu` (fraction of training outliers), 0.001 as in the paper
+    :param gamma: fixed RBF :math:`\gamma` (a number, or one per layer); ``None`` selects it per layer
+    :param gamma_grid: candidate widths as multiples of :math:`1/D_l` (default :math:`10^{-2}, \dots, 10^{2}`,
+        9 log-spaced values)
+    :param max_fit_samples: most ID rows per SVM fit (and per held-out set)
+    :param holdout: fraction of ID rows held out to standardise the scores
+    :param k: neighbours for the edge-pattern detection (default :math:`\lceil 5 \log_{10} n \rceil`)
+    :param edge_threshold: a point is an edge pattern when at least ``1 - edge_threshold`` of its
+        neighbours lie behind it
+    :param seed: seed of the subsample / hold-out split
+    """
+
+    requires_fit: ClassVar[bool] = True
+    default_search_space: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        layers: Union[str, Sequence[str]] = (),
+        nu: float = 0.001,
+        gamma: Optional[Union[float, Sequence[float]]] = None,
+        gamma_grid: Sequence[float] = GAMMA_GRID,
+        max_fit_samples: int = 2000,
+        holdout: float = 0.2,
+        k: Optional[int] = None,
+        edge_threshold: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__(None)
+        name = type(self).__name__
+        self.layers = _layer_names(name, layers)
+        if not 0.0 < float(nu) <= 1.0:
+            raise ValueError(f"{name}: nu must be in (0, 1], got {nu!r}")
+        self.nu = float(nu)
+        self.gamma = None if gamma is None else _per_layer(name, "gamma", gamma, len(self.layers))
+        if self.gamma is not None and any(g <= 0 for g in self.gamma):
+            raise ValueError(f"{name}: gamma must be > 0, got {gamma!r}")
+        self.gamma_grid = [float(g) for g in gamma_grid]
+        if not self.gamma_grid or any(g <= 0 for g in self.gamma_grid):
+            raise ValueError(f"{name}: gamma_grid must be a non-empty list of positive numbers, got {gamma_grid!r}")
+        if int(max_fit_samples) < MIN_ROWS:
+            raise ValueError(f"{name}: max_fit_samples must be >= {MIN_ROWS}, got {max_fit_samples!r}")
+        self.max_fit_samples = int(max_fit_samples)
+        if not 0.0 <= float(holdout) < 1.0:
+            raise ValueError(f"{name}: holdout must be in [0, 1), got {holdout!r}")
+        self.holdout = float(holdout)
+        self.k = None if k is None else int(k)
+        self.edge_threshold = float(edge_threshold)
+        self.seed = int(seed)
+        # fitted state (numpy / scikit-learn, CPU)
+        self.feature_mean_: List[np.ndarray] = []
+        self.feature_std_: List[np.ndarray] = []
+        self.svms_: list = []
+        self.gammas_: List[float] = []
+        self.selection_errors_: List[Optional[np.ndarray]] = []
+        self.score_mean_: Optional[np.ndarray] = None  #: (L,)
+        self.score_std_: Optional[np.ndarray] = None  #: (L,)
+        self.fit_index_: Optional[np.ndarray] = None  #: ID-row positions the SVMs were fitted on
+        self.stats_index_: Optional[np.ndarray] = None  #: ID-row positions the score statistics come from
+        self.holdout_scores_: Optional[np.ndarray] = None  #: (n_stats, L) standardised held-out scores
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _columns(self, reps) -> List[Tensor]:
+        cols = [_pooled(layer_column(self, reps, key)) for key in self.layers]
+        _same_rows(self, cols, self.layers)
+        if self._fitted:
+            for key, c, m in zip(self.layers, cols, self.feature_mean_):
+                if c.shape[1] != m.shape[0]:
+                    raise InvalidInputError(
+                        f"{type(self).__name__}: column {key!r} has {c.shape[1]} features, fitted on {m.shape[0]}"
+                    )
+        return cols
+
+    def _split(self, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        perm = np.random.default_rng(self.seed).permutation(n)
+        n_hold = min(int(round(self.holdout * n)), self.max_fit_samples)
+        if n_hold < 2 or n - n_hold < MIN_ROWS:
+            fit = np.sort(perm[: self.max_fit_samples])
+            return fit, fit
+        return np.sort(perm[n_hold : n_hold + self.max_fit_samples]), np.sort(perm[:n_hold])
+
+    def _raw_scores(self, l: int, col: Tensor) -> np.ndarray:
+        """Raw OCSVM score :math:`-g_l` of the rows of one pooled column (float64 numpy)."""
+        z = (col.detach().to("cpu", torch.float64).numpy() - self.feature_mean_[l]) / self.feature_std_[l]
+        return -self.svms_[l].decision_function(z)
+
+    def _standardised(self, l: int, col: Tensor) -> np.ndarray:
+        return (self._raw_scores(l, col) - self.score_mean_[l]) / self.score_std_[l]
+
+    @staticmethod
+    def _out(values: np.ndarray, like: Tensor) -> Tensor:
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        return torch.as_tensor(values).to(device=like.device, dtype=dtype)
+
+    # -- API -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_structured(self, reps: Mapping[str, Any], y) -> "LAOOD":
+        name = type(self).__name__
+        self._fitted = False  # a refit must not check widths against the previous fit
+        cols = self._columns(reps)
+        keep = _id_rows(self, y, cols[0].shape[0], cols[0].device).cpu().numpy()
+        n = int(keep.sum())
+        if n < MIN_ROWS:
+            raise InvalidInputError(f"{name}: needs at least {MIN_ROWS} ID training rows, got {n}")
+        fit_idx, stats_idx = self._split(n)
+        means, stds, svms, gammas, errors, stats = [], [], [], [], [], []
+        for l, (key, col) in enumerate(zip(self.layers, cols)):
+            x = col.detach().to("cpu", torch.float64).numpy()[keep]
+            mean, std = x.mean(axis=0), x.std(axis=0)
+            std = np.where(std > 0, std, 1.0)
+            xs = (x - mean) / std
+            if self.gamma is not None:
+                from sklearn.svm import OneClassSVM
+
+                g = self.gamma[l]
+                svm, err = OneClassSVM(kernel="rbf", nu=self.nu, gamma=g).fit(xs[fit_idx]), None
+            else:
+                out, tgt, _ = self_adaptive_shifting(xs[fit_idx], self.k, self.edge_threshold)
+                grid = [g / xs.shape[1] for g in self.gamma_grid]
+                g, svm, err = select_gamma(xs[fit_idx], out, tgt, grid, self.nu)
+            means.append(mean)
+            stds.append(std)
+            svms.append(svm)
+            gammas.append(float(g))
+            errors.append(err)
+            stats.append(-svm.decision_function(xs[stats_idx]))
+        self.feature_mean_, self.feature_std_, self.svms_ = means, stds, svms
+        self.gammas_, self.selection_errors_ = gammas, errors
+        raw = np.stack(stats, axis=1)
+        self.score_mean_ = raw.mean(axis=0)
+        sd = raw.std(axis=0)
+        self.score_std_ = np.where(sd > 0, sd, 1.0)
+        self.holdout_scores_ = (raw - self.score_mean_) / self.score_std_
+        self.fit_index_, self.stats_index_ = fit_idx, stats_idx
+        self._mark_fitted()
+        return self
+
+    @torch.no_grad()
+    def predict_per_layer(self, reps: Mapping[str, Any]) -> Tensor:
+        """Standardised per-layer scores :math:`z_l(x)`, ``(N, L)``."""
+        self._require_fit()
+        cols = self._columns(reps)
+        z = np.stack([self._standardised(l, c) for l, c in enumerate(cols)], axis=1)
+        return self._out(z, cols[0])
+
+    def predict_structured(self, reps: Mapping[str, Any]) -> Tensor:
+        return self.predict_per_layer(reps).max(dim=1).values
+
+
+class LAOODEarlyExit(LAOOD):
+    r"""ES-OOD: LA-OOD scores visited in network order, stopping at the first decisive layer.
+
+    ``layers`` must be listed in network order. With :math:`z_l` the standardised layer scores of
+    :class:`LAOOD`, sample :math:`x` exits at
+
+    .. math:: e(x) = \min \{ l : z_l(x) > t^{high}_l \ \text{or}\ z_l(x) < t^{low}_l \} \cup \{L - 1\}
+
+    (above ``t_high``: OOD; below ``t_low``: ID; undecided samples run to the last layer). Its score is
+    the max over the layers it has seen, :math:`s(x) = \max_{l \le e(x)} z_l(x)`: without any early exit
+    this is exactly the :class:`LAOOD` score, and scores stay consistent with the decisions (an OOD exit
+    scores above :math:`t^{high}`, any other sample at or below the threshold of the layers it passed,
+    unless its last layer is above). Layer :math:`l` is scored only for the samples still running.
+
+    Thresholds, in standardised units: ``t_low`` / ``t_high`` (a number or one per layer) when given;
+    otherwise per layer the ``q_low`` / ``q_high`` quantiles of the held-out ID scores :math:`z_l`
+    (defaults 0.1 and 0.99: about 10 % of ID samples stop at the first layer as ID, about 1 % of ID
+    samples per layer stop as OOD). ``q_low = 0`` never exits as ID (only OODs stop early, as ES-OOD
+    does where ID samples must reach the classifier); ``q_high = 1`` never exits as OOD.
+    :meth:`predict_with_exits` returns the exit layers; :meth:`average_layers_used` gives
+    :math:`\bar L = \text{mean}(e(x) + 1)`, and the fraction of layer compute saved is :math:`1 - \bar L / L`
+    (:meth:`compute_saved`).
+
+    The searched grid (``q_low`` x ``q_high``) trades accuracy for compute; validation AUROC alone favours
+    fewer exits, so read it together with :meth:`average_layers_used`.
+
+    Paper: H. Wang, C. Zhao, F. Chen, "Efficient out-of-distribution detection via layer-adaptive scoring
+    and early stopping", Frontiers in Big Data 7 (2024), doi:10.3389/fdata.2024.1444634.
+
+    :param q_low: ID-exit quantile of the held-out ID scores (0: never)
+    :param q_high: OOD-exit quantile of the held-out ID scores (1: never)
+    :param t_low: explicit ID-exit thresholds (override ``q_low``)
+    :param t_high: explicit OOD-exit thresholds (override ``q_high``)
+
+    The other parameters are those of :class:`LAOOD`.
+    """
+
+    default_search_space: ClassVar[Dict[str, Any]] = {
+        "q_low": {"grid": [0.0, 0.1, 0.5]},
+        "q_high": {"grid": [0.95, 0.99]},
+    }
+
+    def __init__(
+        self,
+        layers: Union[str, Sequence[str]] = (),
+        q_low: float = 0.1,
+        q_high: float = 0.99,
+        t_low: Optional[Union[float, Sequence[float]]] = None,
+        t_high: Optional[Union[float, Sequence[float]]] = None,
+        nu: float = 0.001,
+        gamma: Optional[Union[float, Sequence[float]]] = None,
+        gamma_grid: Sequence[float] = GAMMA_GRID,
+        max_fit_samples: int = 2000,
+        holdout: float = 0.2,
+        k: Optional[int] = None,
+        edge_threshold: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__(layers, nu, gamma, gamma_grid, max_fit_samples, holdout, k, edge_threshold, seed)
+        name = type(self).__name__
+        if not (0.0 <= float(q_low) <= 1.0 and 0.0 <= float(q_high) <= 1.0):
+            raise ValueError(f"{name}: q_low and q_high must be in [0, 1], got {q_low!r}, {q_high!r}")
+        self.q_low, self.q_high = float(q_low), float(q_high)
+        n = len(self.layers)
+        self.t_low = None if t_low is None else _per_layer(name, "t_low", t_low, n)
+        self.t_high = None if t_high is None else _per_layer(name, "t_high", t_high, n)
+
+    def thresholds(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-layer ``(t_low, t_high)`` in standardised units (``-inf`` / ``+inf``: never exits that way)."""
+        self._require_fit()
+        h = self.holdout_scores_
+        if self.t_low is not None:
+            lo = np.asarray(self.t_low, dtype=np.float64)
+        else:
+            lo = np.full(h.shape[1], -np.inf) if self.q_low <= 0 else np.quantile(h, self.q_low, axis=0)
+        if self.t_high is not None:
+            hi = np.asarray(self.t_high, dtype=np.float64)
+        else:
+            hi = np.full(h.shape[1], np.inf) if self.q_high >= 1 else np.quantile(h, self.q_high, axis=0)
+        return lo, hi
+
+    @torch.no_grad()
+    def predict_with_exits(self, reps: Mapping[str, Any]) -> Tuple[Tensor, Tensor]:
+        """``(scores (N,), exit_layer_index (N,) int64)``; layer ``l`` is scored only for running samples."""
+        self._require_fit()
+        cols = self._columns(reps)
+        lo, hi = self.thresholds()
+        n, n_layers = cols[0].shape[0], len(cols)
+        running = np.ones(n, dtype=bool)
+        best = np.full(n, -np.inf)
+        scores = np.zeros(n)
+        exits = np.full(n, n_layers - 1, dtype=np.int64)
+        for l, col in enumerate(cols):
+            rows = np.flatnonzero(running)
+            if rows.size == 0:
+                break
+            z = self._standardised(l, col[torch.as_tensor(rows, device=col.device)])
+            best[rows] = np.maximum(best[rows], z)
+            stop = np.ones(rows.size, dtype=bool) if l == n_layers - 1 else (z > hi[l]) | (z < lo[l])
+            done = rows[stop]
+            exits[done] = l
+            scores[done] = best[done]
+            running[done] = False
+        return self._out(scores, cols[0]), torch.as_tensor(exits, device=cols[0].device)
+
+    def predict_structured(self, reps: Mapping[str, Any]) -> Tensor:
+        return self.predict_with_exits(reps)[0]
+
+    def average_layers_used(self, reps: Mapping[str, Any]) -> float:
+        """Mean number of layers scored per sample, :math:`\\text{mean}(e(x) + 1) \\in [1, L]`."""
+        exits = self.predict_with_exits(reps)[1]
+        return float((exits + 1).double().mean()) if exits.numel() else float("nan")
+
+    def compute_saved(self, reps: Mapping[str, Any]) -> float:
+        """Fraction of per-layer detector work saved, :math:`1 - \\bar L / L`."""
+        return 1.0 - self.average_layers_used(reps) / len(self.layers)

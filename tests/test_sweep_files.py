@@ -1,0 +1,73 @@
+"""Every shipped sweep file passes `python -m orchestrator validate`; the train task loads user checkpoints."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from fake_data import write_all
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    from ood_core.datasets import arrays, folders
+
+    def boom(*a, **k):
+        raise AssertionError("validate tried to download")
+
+    for src in arrays.SOURCES.values():
+        monkeypatch.setattr(src, "download", boom)
+    monkeypatch.setattr(folders, "DOWNLOADERS", {k: boom for k in folders.DOWNLOADERS})
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_all(root)
+    return root
+
+
+def test_the_benchmark_sweeps_are_shipped():
+    assert {"quickstart.yaml", "cifar.yaml", "cifar100.yaml", "fashionmnist.yaml"} <= {p.name for p in SWEEPS}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_sweep_file_validates(path, fake_root, monkeypatch, capsys, no_downloads):
+    monkeypatch.setenv("OOD_SWEEP_DATA", str(fake_root))
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert "ok" in capsys.readouterr().out
+
+
+@pytest.mark.xfail(strict=False, reason="until the planner counts classes with ood_core.data.num_classes "
+                                        "and only warns about missing data in `validate`")
+@pytest.mark.parametrize("name", ["cifar.yaml", "cifar100.yaml"])
+def test_validate_needs_no_data_on_disk(name, tmp_path, monkeypatch, capsys, no_downloads):
+    monkeypatch.setenv("OOD_SWEEP_DATA", str(tmp_path / "empty"))
+    assert main(["validate", str(ROOT / "sweeps" / name)]) == 0, capsys.readouterr().err
+
+
+def test_train_task_loads_a_user_checkpoint(tmp_path):
+    from ood_core.checkpoints import CheckpointError, load_checkpoint
+    from ood_core.data import DATASETS
+    from ood_core.models import build_model
+    from tasks.train import train_backbone
+
+    fmt = DATASETS["digits"].default_format
+    user = build_model("small_cnn", num_classes=6, in_channels=1, image_size=16, seed=9)
+    torch.save({"model": {"module." + k: v for k, v in user.state_dict().items()}}, tmp_path / "user.pth")
+    backbone = {"key": "k1", "label": "cnn-s0", "arch": "small_cnn", "params": {}, "seed": 0, "train": {},
+                "checkpoint_uri": str(tmp_path / "ckpt" / "k1.pt"), "checkpoint": str(tmp_path / "user.pth")}
+    id_data = {"dataset": "digits", "params": {"classes": [0, 1, 2, 3, 4, 5]}, "seed": 0}
+    out = train_backbone(backbone, 6, fmt.to_dict(), id_data)
+    assert len(out["source_sha256"]) == 64 and out["history"] == [] and 0 <= out["evaluation"]["acc"] <= 1
+    state, meta = load_checkpoint(backbone["checkpoint_uri"], expected_sha256=out["sha256"])
+    assert meta["source_sha256"] == out["source_sha256"]
+    assert all(torch.equal(state[k], v) for k, v in user.state_dict().items())
+    again = train_backbone(backbone, 6, fmt.to_dict(), id_data)  # cached: same file, same record
+    assert again["cached"] and again["sha256"] == out["sha256"] and again["source_sha256"] == out["source_sha256"]
+    wrong = dict(backbone, key="k2", checkpoint_uri=str(tmp_path / "ckpt" / "k2.pt"))
+    with pytest.raises(CheckpointError, match="shape mismatches: head.weight"):
+        train_backbone(wrong, 4, fmt.to_dict(), dict(id_data, params={"classes": [0, 1, 2, 3]}))
