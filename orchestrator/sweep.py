@@ -252,7 +252,7 @@ class SweepRunner:
             for key in [k for k in rows[0] if k.startswith("auroc/")]:
                 ood = key.split("/", 1)[1]
                 fig = per_layer_auroc_figure([r["layer"] for r in rows[:-1]], [r[key] for r in rows[:-1]], final[key],
-                                             f"{bb.label}: energy AUROC per layer vs {ood} (direction fixed on val)")
+                                             f"{bb.label} vs {ood}: energy AUROC per layer")
                 tracker.log_figure(parent, fig, f"per_layer/{bb.label}_{ood}.png")
             better = [r["layer"] for r in rows[:-1] if any(r[k] > final[k] for k in r if k.startswith("auroc/"))]
             _say(f"[layers] {bb.label}: {len(rows) - 1} layers analysed; beating the final layer on some OOD set: "

@@ -25,4 +25,8 @@ def per_layer_analysis(sets: Dict[str, Dict], energy_columns: List[str]) -> List
     id_test = energies(sets["id-test"]["uri"])
     ood_test = {l: energies(sets[l]["uri"]) for l in by_role("near") + by_role("far")}
     names = [c[: -len(".energy")] for c in energy_columns] + ["logits"]
+    if energy_columns and np.allclose(id_val[:, -2], id_val[:, -1], rtol=1e-4, atol=1e-4):
+        # the last hooked layer is the classifier itself: it is the final layer, no separate logits row
+        names, id_val, ood_val, id_test = names[:-1], id_val[:, :-1], ood_val[:, :-1], id_test[:, :-1]
+        ood_test = {k: v[:, :-1] for k, v in ood_test.items()}
     return per_layer_table(names, id_val, ood_val, id_test, ood_test)
