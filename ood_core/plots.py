@@ -16,7 +16,8 @@ from sklearn.metrics import roc_curve
 
 from .metrics import as_numpy, auroc
 
-__all__ = ["roc_figure", "score_histogram_figure", "per_layer_auroc_figure"]
+__all__ = ["roc_figure", "score_histogram_figure", "per_layer_auroc_figure", "roc_grid_figure",
+           "detector_comparison_figure"]
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -108,4 +109,30 @@ def roc_grid_figure(panels: Mapping[str, tuple], title: str = "ROC curves") -> F
     for ax in axes[len(names):]:
         ax.set_visible(False)
     fig.suptitle(title)
+    return fig
+
+
+def detector_comparison_figure(rows: Sequence[Mapping], groups: Sequence[str] = ("near", "far"),
+                               metric: str = "auroc") -> Figure:
+    """Grouped bars: per detector (rows ``{"detector", "<group>/<metric>"}``; several seeds are
+    averaged, their spread drawn as error bars) the test metric of each OOD group."""
+    by_det: dict = {}
+    for row in rows:
+        for g in groups:
+            v = row.get(f"{g}/{metric}")
+            if v is not None:
+                by_det.setdefault(row["detector"], {}).setdefault(g, []).append(float(v))
+    names = list(by_det)
+    fig = _figure(max(6.0, 0.55 * len(names) + 2.0), 4.5)
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    width = 0.8 / max(1, len(groups))
+    for i, g in enumerate(groups):
+        vals = [by_det[n].get(g, [np.nan]) for n in names]
+        ax.bar(x + (i - (len(groups) - 1) / 2) * width, [np.mean(v) for v in vals], width,
+               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals], label=f"{g} OOD", capsize=2)
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel=f"test {metric.upper()}", title=f"Selected detectors: test {metric.upper()} per OOD group",
+           ylim=(0.0, 1.0) if metric != "fpr95" else None)
+    ax.legend(fontsize="small")
     return fig

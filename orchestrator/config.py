@@ -367,6 +367,12 @@ def _dataset_identity(ds: DataSetConfig):
     return (ds.dataset, ds.split, json.dumps(ds.params, sort_keys=True))
 
 
+def val_test_overlap(cfg: SweepConfig) -> List[str]:
+    """Labels of OOD validation sets that are the same data as an OOD test set."""
+    tests = {_dataset_identity(ds) for ds in cfg.data.ood_test.near + cfg.data.ood_test.far}
+    return [ds.label for ds in cfg.data.ood_val if _dataset_identity(ds) in tests]
+
+
 def _check_leakage(cfg: SweepConfig) -> None:
     """Refuse OOD validation sets that are the same data as an OOD test set."""
     tests = {

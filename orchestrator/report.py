@@ -41,8 +41,50 @@ def summary_metrics(rows: Iterable[Dict]) -> Dict[str, float]:
     return out
 
 
-def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far")) -> str:
-    """A plain-text table: per detector the selected hyperparameters, AUROC and FPR@95 per OOD group."""
+def seed_summary(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far")) -> List[Dict]:
+    """Mean and standard deviation over backbone seeds, per (backbone name, detector).
+
+    Rows carry ``backbone_name`` (the backbone without its ``-s<seed>`` suffix); groups with a single
+    seed are left out.
+    """
+    import numpy as np
+
+    groups: Dict[tuple, List[Dict]] = {}
+    for row in rows:
+        name = row.get("backbone_name") or row["backbone"].rsplit("-s", 1)[0]
+        groups.setdefault((name, row["detector"]), []).append(row)
+    out = []
+    for (name, det), members in groups.items():
+        if len(members) < 2:
+            continue
+        entry = {"backbone": name, "detector": det, "seeds": len(members)}
+        for key in ["val_auroc"] + [f"{g}/{m}" for g in metric_groups for m in ("auroc", "fpr95")]:
+            values = [m[key] for m in members if m.get(key) is not None]
+            if values:
+                entry[key] = (float(np.mean(values)), float(np.std(values, ddof=1)))
+        out.append(entry)
+    return out
+
+
+def format_seed_table(summary: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far")) -> str:
+    headers = ["backbone", "detector", "seeds"] + [f"{g} {m}" for g in metric_groups for m in ("AUROC", "FPR95")]
+    body = []
+    for e in summary:
+        line = [e["backbone"], e["detector"], str(e["seeds"])]
+        for g in metric_groups:
+            for m in ("auroc", "fpr95"):
+                v = e.get(f"{g}/{m}")
+                line.append("-" if v is None else f"{100 * v[0]:.2f} ± {100 * v[1]:.2f}")
+        body.append(line)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+    render = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                     for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([render(headers), "  ".join("-" * w for w in widths)] + [render(b) for b in body])
+
+
+def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"), optimistic: bool = False) -> str:
+    """A plain-text table: per detector the selected hyperparameters, AUROC and FPR@95 per OOD group;
+    then mean ± std over seeds when a backbone was trained with several."""
     headers = ["backbone", "detector", "selected", "val AUROC"]
     for g in metric_groups:
         headers += [f"{g} AUROC", f"{g} FPR95"]
@@ -66,7 +108,14 @@ def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "
     if accs:
         lines.append("")
         lines.append("ID test accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accs.items()))
+    summary = seed_summary(rows, metric_groups)
+    if summary:
+        lines += ["", "Mean ± std over seeds (test metrics of each seed's selected configuration):",
+                  format_seed_table(summary, metric_groups)]
     lines.append("AUROC / FPR95 in %; FPR95 = OOD accepted at the threshold that keeps 95% of ID (lower is better).")
+    if optimistic:
+        lines.append("OPTIMISTIC: an OOD validation set is also a test set (data.allow_val_test_overlap); "
+                     "these test figures saw their own data during selection.")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from orchestrator import report
-from orchestrator.config import SweepConfig
+from orchestrator.config import SweepConfig, val_test_overlap
 from orchestrator.plan import BackbonePlan, SweepPlan, content_key, join_uri, make_plan
 from orchestrator.tracking import PARENT_TAG, Tracker, flatten
 
@@ -224,7 +224,8 @@ class SweepRunner:
                 self._log_detector(tracker, runs[key], bb, det, space, skey, record, scores, reused=key in cached)
             panels.setdefault(bb.label, {})[det.label] = (scores["id-test"],
                                                           {k: v for k, v in scores.items() if k != "id-test"})
-            rows.append({"backbone": bb.label, "backbone_key": bb.key, "detector": det.label, "type": det.type,
+            rows.append({"backbone": bb.label, "backbone_name": bb.name, "seed": bb.seed, "backbone_key": bb.key,
+                         "detector": det.label, "type": det.type,
                          "selected": best["params"], "trials": len(trials), **best["metrics"]})
         self._grid_figures(tracker, parent, panels)
         accs = {bb.key: backbone_accuracy(next(f.uri for f in bb.features if f.dataset.role == "id_test"))
@@ -347,9 +348,18 @@ class SweepRunner:
             self.layer_analysis(tracker, parent)
             frame = report.results_frame(rows)
             tracker.log_table(parent, frame, "results")
+            summary = report.seed_summary(rows)
+            if summary:
+                tracker.log_text(parent, report.format_seed_table(summary), "results_over_seeds.txt")
+            from ood_core.plots import detector_comparison_figure
+
+            tracker.log_figure(parent, detector_comparison_figure(rows), "detector_comparison.png")
+            overlap = val_test_overlap(cfg)
             tracker.log(parent, metrics=report.summary_metrics(rows),
-                        tags={"sweep_seconds": f"{time.perf_counter() - started:.1f}"})
+                        tags={"sweep_seconds": f"{time.perf_counter() - started:.1f}",
+                              "optimistic": str(bool(overlap)).lower(),
+                              **({"optimistic_sets": ",".join(overlap)} if overlap else {})})
         _say("")
-        _say(report.format_table(rows, metric_groups=("near", "far")))
+        _say(report.format_table(rows, metric_groups=("near", "far"), optimistic=bool(overlap)))
         _say(f"\n[sweep] done in {time.perf_counter() - started:.1f} s; browse with: python -m orchestrator ui")
         return rows

@@ -59,3 +59,20 @@ def test_per_layer_auroc_figure():
     assert _png(fig).startswith(b"\x89PNG")
     with pytest.raises(ValueError):
         per_layer_auroc_figure(names, vals[:2], 0.8, "bad")
+
+
+def test_roc_grid_and_comparison_figures():
+    import numpy as np
+
+    from ood_core.plots import detector_comparison_figure, roc_grid_figure
+
+    rng = np.random.default_rng(0)
+    panels = {f"det{i}": (rng.normal(size=50), {"a": rng.normal(1, 1, 40), "b": rng.normal(2, 1, 40)}) for i in range(5)}
+    fig = roc_grid_figure(panels, "grid")
+    assert sum(ax.get_visible() for ax in fig.axes) == 5
+    rows = [{"detector": "x", "near/auroc": 0.8, "far/auroc": 0.9}, {"detector": "x", "near/auroc": 0.7, "far/auroc": 0.95},
+            {"detector": "y", "near/auroc": 0.6, "far/auroc": 0.5}]
+    fig = detector_comparison_figure(rows)
+    ax = fig.axes[0]
+    heights = sorted(round(p.get_height(), 3) for p in ax.patches)
+    assert heights == sorted([0.75, 0.925, 0.6, 0.5])

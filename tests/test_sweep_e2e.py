@@ -100,7 +100,8 @@ def test_mlflow_nested_runs_and_artifacts(first_sweep):
             assert by_id[parent].data.tags["stage"] == "detector"
             assert any(k.startswith("val_") for k in r.data.metrics) and any(k.startswith("test/") for k in r.data.metrics)
     names = {a.path for a in client.list_artifacts(sweep.info.run_id)}
-    assert {"results.csv", "results.parquet", "config", "roc_cnn-s0.png"} <= names
+    assert {"results.csv", "results.parquet", "config", "roc_cnn-s0.png", "detector_comparison.png"} <= names
+    assert sweep.data.tags["optimistic"] == "false"
     train = next(r for r in runs if r.data.tags["stage"] == "train")
     assert len(client.get_metric_history(train.info.run_id, "val_acc")) == 6
     assert client.list_artifacts(train.info.run_id, "checkpoint")

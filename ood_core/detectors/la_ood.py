@@ -25,6 +25,8 @@ from .multilayer import _id_rows, _layer_names, _per_layer, _pooled, _same_rows,
 GAMMA_GRID = tuple(float(g) for g in np.logspace(-2, 2, 9))
 #: fewest ID training rows LA-OOD fits on (the k-NN edge detection needs a neighbourhood)
 MIN_ROWS = 10
+#: elements of the largest (rows x support vectors) kernel block in :func:`rbf_decision`
+CHUNK_ELEMENTS = 1 << 22
 
 
 def _knn(x: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -95,17 +97,47 @@ def self_adaptive_shifting(
     return outliers, targets, edge
 
 
+@torch.no_grad()
+def rbf_decision(x: Tensor, sv: Tensor, dual: Tensor, intercept: float, gamma: float) -> Tensor:
+    r"""OCSVM decision function :math:`g(x) = \sum_i \alpha_i e^{-\gamma \lVert x - s_i \rVert^2} + \rho`
+    (scikit-learn's ``decision_function``: ``dual_coef_``, ``intercept_``) in float64 torch on ``x``'s
+    device, in chunks of rows so the kernel block stays below :data:`CHUNK_ELEMENTS`."""
+    x = x.to(torch.float64)
+    sv, dual = sv.to(x.device, torch.float64), dual.to(x.device, torch.float64)
+    sv_sq = (sv * sv).sum(dim=1)
+    rows = max(1, CHUNK_ELEMENTS // max(1, sv.shape[0]))
+    out = []
+    for i in range(0, x.shape[0], rows):
+        xb = x[i : i + rows]
+        d2 = ((xb * xb).sum(dim=1, keepdim=True) + sv_sq[None, :] - 2.0 * xb @ sv.T).clamp_(min=0.0)
+        out.append(torch.exp(-gamma * d2) @ dual + intercept)
+    return torch.cat(out) if out else x.new_zeros(0)
+
+
+def _svm_parts(svm) -> Tuple[Tensor, Tensor, float]:
+    return (
+        torch.as_tensor(np.asarray(svm.support_vectors_, dtype=np.float64)),
+        torch.as_tensor(np.asarray(svm.dual_coef_, dtype=np.float64).ravel()),
+        float(np.asarray(svm.intercept_).ravel()[0]),
+    )
+
+
 def select_gamma(x, outliers, targets, gammas: Sequence[float], nu: float = 0.001):
     r"""RBF width minimising :math:`err(\gamma) = \text{accepted pseudo outliers} / m + \text{rejected
     pseudo targets} / n` of ``OneClassSVM(nu, gamma).fit(x)``; ties go to the smallest :math:`\gamma` (the
     smoothest boundary). Returns ``(gamma, model fitted with it, errors (len(gammas),))``."""
     from sklearn.svm import OneClassSVM
 
+    outliers = torch.as_tensor(np.asarray(outliers, dtype=np.float64))
+    targets = torch.as_tensor(np.asarray(targets, dtype=np.float64))
     best = None
     errors = []
     for g in gammas:
         svm = OneClassSVM(kernel="rbf", nu=nu, gamma=float(g)).fit(x)
-        err = float(np.mean(svm.predict(outliers) == 1) + np.mean(svm.predict(targets) == -1))
+        sv, dual, rho = _svm_parts(svm)  # accepted <=> g(x) > 0, as libsvm's predict
+        accepted_outliers = (rbf_decision(outliers, sv, dual, rho, float(g)) > 0).double().mean()
+        rejected_targets = (rbf_decision(targets, sv, dual, rho, float(g)) <= 0).double().mean()
+        err = float(accepted_outliers + rejected_targets)
         errors.append(err)
         if best is None or err < best[0]:
             best = (err, float(g), svm)
@@ -185,17 +217,20 @@ class LAOOD(StructuredDetector):
         self.k = None if k is None else int(k)
         self.edge_threshold = float(edge_threshold)
         self.seed = int(seed)
-        # fitted state (numpy / scikit-learn, CPU)
-        self.feature_mean_: List[np.ndarray] = []
-        self.feature_std_: List[np.ndarray] = []
-        self.svms_: list = []
+        # fitted state: float64 tensors (moved by ``to``), plus the scikit-learn models for inspection
+        self.feature_mean_: List[Tensor] = []  #: per layer (D_l,)
+        self.feature_std_: List[Tensor] = []  #: per layer (D_l,)
+        self.support_vectors_: List[Tensor] = []  #: per layer (n_sv, D_l), standardised feature space
+        self.dual_coef_: List[Tensor] = []  #: per layer (n_sv,)
+        self.intercept_: List[float] = []
         self.gammas_: List[float] = []
-        self.selection_errors_: List[Optional[np.ndarray]] = []
-        self.score_mean_: Optional[np.ndarray] = None  #: (L,)
-        self.score_std_: Optional[np.ndarray] = None  #: (L,)
-        self.fit_index_: Optional[np.ndarray] = None  #: ID-row positions the SVMs were fitted on
-        self.stats_index_: Optional[np.ndarray] = None  #: ID-row positions the score statistics come from
-        self.holdout_scores_: Optional[np.ndarray] = None  #: (n_stats, L) standardised held-out scores
+        self.selection_errors_: List[Optional[np.ndarray]] = []  #: per layer err(gamma) over the grid
+        self.score_mean_: Optional[Tensor] = None  #: (L,)
+        self.score_std_: Optional[Tensor] = None  #: (L,)
+        self.holdout_scores_: Optional[Tensor] = None  #: (n_stats, L) standardised held-out ID scores
+        self.svms_: list = []  #: the fitted ``sklearn.svm.OneClassSVM`` per layer (CPU, not used to score)
+        self.fit_index_: Optional[np.ndarray] = None  #: positions among the ID rows the SVMs were fitted on
+        self.stats_index_: Optional[np.ndarray] = None  #: positions among the ID rows of the score statistics
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _columns(self, reps) -> List[Tensor]:
@@ -217,22 +252,26 @@ class LAOOD(StructuredDetector):
             return fit, fit
         return np.sort(perm[n_hold : n_hold + self.max_fit_samples]), np.sort(perm[:n_hold])
 
-    def _raw_scores(self, l: int, col: Tensor) -> np.ndarray:
-        """Raw OCSVM score :math:`-g_l` of the rows of one pooled column (float64 numpy)."""
-        z = (col.detach().to("cpu", torch.float64).numpy() - self.feature_mean_[l]) / self.feature_std_[l]
-        return -self.svms_[l].decision_function(z)
+    def _raw_scores(self, l: int, col: Tensor) -> Tensor:
+        """Raw OCSVM score :math:`-g_l` of the rows of one pooled column, float64 on the column's device."""
+        x = col.detach().to(torch.float64)
+        z = (x - self.feature_mean_[l].to(x.device)) / self.feature_std_[l].to(x.device)
+        return -rbf_decision(z, self.support_vectors_[l], self.dual_coef_[l], self.intercept_[l], self.gammas_[l])
 
-    def _standardised(self, l: int, col: Tensor) -> np.ndarray:
-        return (self._raw_scores(l, col) - self.score_mean_[l]) / self.score_std_[l]
+    def _standardised(self, l: int, col: Tensor) -> Tensor:
+        raw = self._raw_scores(l, col)
+        return (raw - self.score_mean_[l].to(raw.device)) / self.score_std_[l].to(raw.device)
 
     @staticmethod
-    def _out(values: np.ndarray, like: Tensor) -> Tensor:
+    def _out(values: Tensor, like: Tensor) -> Tensor:
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        return torch.as_tensor(values).to(device=like.device, dtype=dtype)
+        return values.to(device=like.device, dtype=dtype)
 
     # -- API -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def fit_structured(self, reps: Mapping[str, Any], y) -> "LAOOD":
+        from sklearn.svm import OneClassSVM
+
         name = type(self).__name__
         self._fitted = False  # a refit must not check widths against the previous fit
         cols = self._columns(reps)
@@ -241,34 +280,39 @@ class LAOOD(StructuredDetector):
         if n < MIN_ROWS:
             raise InvalidInputError(f"{name}: needs at least {MIN_ROWS} ID training rows, got {n}")
         fit_idx, stats_idx = self._split(n)
-        means, stds, svms, gammas, errors, stats = [], [], [], [], [], []
-        for l, (key, col) in enumerate(zip(self.layers, cols)):
+        device = cols[0].device
+        means, stds, svs, duals, rhos, svms, gammas, errors, stats = [], [], [], [], [], [], [], [], []
+        for l, col in enumerate(cols):
             x = col.detach().to("cpu", torch.float64).numpy()[keep]
             mean, std = x.mean(axis=0), x.std(axis=0)
             std = np.where(std > 0, std, 1.0)
             xs = (x - mean) / std
             if self.gamma is not None:
-                from sklearn.svm import OneClassSVM
-
-                g = self.gamma[l]
-                svm, err = OneClassSVM(kernel="rbf", nu=self.nu, gamma=g).fit(xs[fit_idx]), None
+                g, err = self.gamma[l], None
+                svm = OneClassSVM(kernel="rbf", nu=self.nu, gamma=g).fit(xs[fit_idx])
             else:
                 out, tgt, _ = self_adaptive_shifting(xs[fit_idx], self.k, self.edge_threshold)
                 grid = [g / xs.shape[1] for g in self.gamma_grid]
                 g, svm, err = select_gamma(xs[fit_idx], out, tgt, grid, self.nu)
-            means.append(mean)
-            stds.append(std)
+            sv, dual, rho = _svm_parts(svm)
+            stats.append(-rbf_decision(torch.as_tensor(xs[stats_idx]), sv, dual, rho, float(g)))
+            means.append(torch.as_tensor(mean, device=device))
+            stds.append(torch.as_tensor(std, device=device))
+            svs.append(sv.to(device))
+            duals.append(dual.to(device))
+            rhos.append(rho)
             svms.append(svm)
             gammas.append(float(g))
             errors.append(err)
-            stats.append(-svm.decision_function(xs[stats_idx]))
-        self.feature_mean_, self.feature_std_, self.svms_ = means, stds, svms
-        self.gammas_, self.selection_errors_ = gammas, errors
-        raw = np.stack(stats, axis=1)
-        self.score_mean_ = raw.mean(axis=0)
-        sd = raw.std(axis=0)
-        self.score_std_ = np.where(sd > 0, sd, 1.0)
-        self.holdout_scores_ = (raw - self.score_mean_) / self.score_std_
+        self.feature_mean_, self.feature_std_ = means, stds
+        self.support_vectors_, self.dual_coef_, self.intercept_ = svs, duals, rhos
+        self.svms_, self.gammas_, self.selection_errors_ = svms, gammas, errors
+        raw = torch.stack(stats, dim=1)
+        self.score_mean_ = raw.mean(dim=0)
+        sd = raw.std(dim=0, unbiased=False)
+        self.score_std_ = torch.where(sd > 0, sd, torch.ones_like(sd))
+        self.holdout_scores_ = ((raw - self.score_mean_) / self.score_std_).to(device)
+        self.score_mean_, self.score_std_ = self.score_mean_.to(device), self.score_std_.to(device)
         self.fit_index_, self.stats_index_ = fit_idx, stats_idx
         self._mark_fitted()
         return self
@@ -278,7 +322,7 @@ class LAOOD(StructuredDetector):
         """Standardised per-layer scores :math:`z_l(x)`, ``(N, L)``."""
         self._require_fit()
         cols = self._columns(reps)
-        z = np.stack([self._standardised(l, c) for l, c in enumerate(cols)], axis=1)
+        z = torch.stack([self._standardised(l, c) for l, c in enumerate(cols)], dim=1)
         return self._out(z, cols[0])
 
     def predict_structured(self, reps: Mapping[str, Any]) -> Tensor:
@@ -355,7 +399,7 @@ class LAOODEarlyExit(LAOOD):
     def thresholds(self) -> Tuple[np.ndarray, np.ndarray]:
         """Per-layer ``(t_low, t_high)`` in standardised units (``-inf`` / ``+inf``: never exits that way)."""
         self._require_fit()
-        h = self.holdout_scores_
+        h = self.holdout_scores_.cpu().numpy()
         if self.t_low is not None:
             lo = np.asarray(self.t_low, dtype=np.float64)
         else:
@@ -372,23 +416,21 @@ class LAOODEarlyExit(LAOOD):
         self._require_fit()
         cols = self._columns(reps)
         lo, hi = self.thresholds()
-        n, n_layers = cols[0].shape[0], len(cols)
-        running = np.ones(n, dtype=bool)
-        best = np.full(n, -np.inf)
-        scores = np.zeros(n)
-        exits = np.full(n, n_layers - 1, dtype=np.int64)
-        for l, col in enumerate(cols):
-            rows = np.flatnonzero(running)
-            if rows.size == 0:
+        device, n, n_layers = cols[0].device, cols[0].shape[0], len(cols)
+        running = torch.ones(n, dtype=torch.bool, device=device)
+        best = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+        exits = torch.full((n,), n_layers - 1, dtype=torch.int64, device=device)
+        for l, col in enumerate(cols):  # loop over layers; all running samples at once
+            rows = running.nonzero().squeeze(1)
+            if rows.numel() == 0:
                 break
-            z = self._standardised(l, col[torch.as_tensor(rows, device=col.device)])
-            best[rows] = np.maximum(best[rows], z)
-            stop = np.ones(rows.size, dtype=bool) if l == n_layers - 1 else (z > hi[l]) | (z < lo[l])
-            done = rows[stop]
-            exits[done] = l
-            scores[done] = best[done]
-            running[done] = False
-        return self._out(scores, cols[0]), torch.as_tensor(exits, device=cols[0].device)
+            z = self._standardised(l, col[rows])
+            best[rows] = torch.maximum(best[rows], z)
+            if l < n_layers - 1:
+                stop = (z > float(hi[l])) | (z < float(lo[l]))
+                exits[rows[stop]] = l
+                running[rows[stop]] = False
+        return self._out(best, cols[0]), exits
 
     def predict_structured(self, reps: Mapping[str, Any]) -> Tensor:
         return self.predict_with_exits(reps)[0]
