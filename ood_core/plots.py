@@ -17,7 +17,7 @@ from sklearn.metrics import roc_curve
 from .metrics import as_numpy, auroc
 
 __all__ = ["roc_figure", "score_histogram_figure", "per_layer_auroc_figure", "roc_grid_figure",
-           "detector_comparison_figure"]
+           "detector_comparison_figure", "exit_layer_figure"]
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -135,4 +135,25 @@ def detector_comparison_figure(rows: Sequence[Mapping], groups: Sequence[str] = 
     ax.set(ylabel=f"test {metric.upper()}", title=f"Selected detectors: test {metric.upper()} per OOD group",
            ylim=(0.0, 1.0) if metric != "fpr95" else None)
     ax.legend(fontsize="small")
+    return fig
+
+
+def exit_layer_figure(exits: Mapping[str, object], layer_names: Sequence[str], title: str = "Exit layer") -> Figure:
+    """Early exit: for each data set, the fraction of samples that stopped at each layer; the legend gives
+    the mean number of layers used (``1 - mean/L`` of the per-layer work is saved)."""
+    names = list(layer_names)
+    n_layers = max(len(names), 1 + max(int(np.max(as_numpy(e))) for e in exits.values() if as_numpy(e).size))
+    names = names + [f"layer {i}" for i in range(len(names), n_layers)]
+    fig = _figure(max(6.0, 0.9 * n_layers + 2.0), 4.0)
+    ax = fig.add_subplot()
+    x = np.arange(n_layers)
+    width = 0.8 / max(1, len(exits))
+    for i, (set_name, e) in enumerate(exits.items()):
+        e = as_numpy(e).astype(int).reshape(-1)
+        frac = np.bincount(e, minlength=n_layers)[:n_layers] / max(1, e.size)
+        ax.bar(x + (i - (len(exits) - 1) / 2) * width, frac, width,
+               label=f"{set_name} ({float((e + 1).mean()):.2f} layers)")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set(ylabel="fraction of samples exiting", ylim=(0, 1), title=title)
+    ax.legend(fontsize="x-small")
     return fig

@@ -159,7 +159,8 @@ class SearchConfig(_Strict):
     metric: Literal["auroc", "aupr_in", "aupr_out", "fpr95"] = "auroc"
     num_samples: int = Field(1, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
-    algorithm: Literal["basic"] = "basic"
+    #: basic: grids crossed, random domains sampled (Tune's variant generator); optuna: TPE per detector
+    algorithm: Literal["basic", "optuna"] = "basic"
 
     @property
     def mode(self) -> str:
@@ -230,6 +231,11 @@ def parse_config(raw: Any) -> SweepConfig:
             msg = "unknown key"
         raise ConfigError(f"{_format_loc(err['loc'])}: {msg}") from None
     validate_semantics(cfg)
+    if cfg.search.algorithm == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("search.algorithm: optuna is not installed; pip install -e '.[optuna]'") from None
     return cfg
 
 

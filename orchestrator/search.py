@@ -79,8 +79,11 @@ class BatchedMLflowCallback(MLflowLoggerCallback):
     def log_trial_start(self, trial):
         if trial in self._trial_runs:
             return
+        from tasks.evaluate import entry_of
+
         entry = trial.config["entry"]
-        parent = self._parents[entry["key"]]
+        key, params = entry_of(trial.config)
+        parent = self._parents[key]
         client = self.mlflow_util._get_client()
         # a trial restarted after an interruption continues in the run it had
         found = client.search_runs([self.mlflow_util.experiment_id], max_results=1, filter_string=(
@@ -92,7 +95,7 @@ class BatchedMLflowCallback(MLflowLoggerCallback):
                 **{k: str(v) for k, v in entry.get("tags", {}).items()}}
         run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
         self._trial_runs[trial] = run.info.run_id
-        self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=dict(entry["params"]))
+        self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=params)
 
     def log_trial_result(self, iteration: int, trial, result: Dict):
         import time
@@ -162,6 +165,40 @@ def sweep_space(entries: List[Dict[str, Any]], seed: int) -> Dict[str, Any]:
     return {"entry": tune.grid_search(points)}
 
 
+class OptunaSpace:
+    """A define-by-run Optuna space for one entry (picklable, so Tune can checkpoint the searcher).
+
+    Grids and choices become categorical, ``uniform`` / ``loguniform`` floats, ``randint`` integers
+    (both ends included); the elements of a list-valued hyperparameter are named ``name[i]``.
+    """
+
+    def __init__(self, search: Dict[str, Any], key: str, tags: Dict[str, str]):
+        self.search, self.key, self.tags = search, key, tags
+
+    def _suggest(self, trial, name: str, spec: Any) -> None:
+        if isinstance(spec, list):
+            for i, item in enumerate(spec):
+                self._suggest(trial, f"{name}[{i}]", item)
+            return
+        if not isinstance(spec, dict):
+            trial.suggest_categorical(name, [spec])
+            return
+        (kind, value), = spec.items()
+        if kind in ("grid", "choice"):
+            trial.suggest_categorical(name, list(value))
+        elif kind == "uniform":
+            trial.suggest_float(name, value[0], value[1])
+        elif kind == "loguniform":
+            trial.suggest_float(name, value[0], value[1], log=True)
+        else:
+            trial.suggest_int(name, value[0], value[1])
+
+    def __call__(self, trial):
+        for name, spec in self.search.items():
+            self._suggest(trial, name, spec)
+        return {"entry": {"key": self.key, "tags": self.tags}}
+
+
 def run_search(
     trainable: Callable,
     contexts: Dict[str, Dict],
@@ -176,12 +213,19 @@ def run_search(
     seed: int,
     callbacks: Optional[List] = None,
     max_failures: int = 2,
+    algorithm: str = "basic",
 ) -> Dict[str, List]:
-    """Run every entry's search in one Tuner; return ``{entry key: [tune.Result, ...]}``.
+    """Run every entry's search; return ``{entry key: [tune.Result, ...]}``.
 
-    Raises when every trial of an entry failed (the error of its first trial is shown).
+    ``basic`` (grid + random) runs every entry in one Tuner; ``optuna`` runs one Tuner per entry with
+    Tune's :class:`OptunaSearch` (TPE, seeded), ``num_samples`` trials each. Raises when every trial of
+    an entry failed (the error of its first trial is shown).
     """
     trainable = tune.with_resources(tune.with_parameters(trainable, contexts=contexts), resources)
+    if algorithm == "optuna":
+        return _run_optuna(trainable, entries, metric=metric, mode=mode, max_concurrent=max_concurrent,
+                           storage_path=storage_path, name=name, seed=seed, callbacks=callbacks,
+                           max_failures=max_failures)
     path = join_uri(storage_path, name)
     if tune.Tuner.can_restore(path):  # an interrupted search: finished trials are kept, the rest run
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -197,10 +241,47 @@ def run_search(
                 failure_config=tune.FailureConfig(max_failures=max_failures),
             ),
         )
-    grid = tuner.fit()
+    return _group(tuner.fit(), entries, metric)
+
+
+def _run_optuna(trainable, entries, *, metric, mode, max_concurrent, storage_path, name, seed, callbacks,
+                max_failures) -> Dict[str, List]:
+    import hashlib
+
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    by_key: Dict[str, List] = {}
+    for e in entries:
+        entry_seed = int.from_bytes(hashlib.sha256(f"optuna:{seed}:{e['key']}".encode()).digest()[:4], "little")
+        searcher = OptunaSearch(OptunaSpace(e["search"], e["key"], e.get("tags", {})), metric=f"val_{metric}",
+                                mode=mode, seed=entry_seed)
+        path_name = f"{name}-optuna-{hashlib.sha256(e['key'].encode()).hexdigest()[:8]}"
+        path = join_uri(storage_path, path_name)
+        if tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric=f"val_{metric}", mode=mode, num_samples=e["num_samples"], reuse_actors=True,
+                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                ),
+                run_config=tune.RunConfig(
+                    name=path_name, storage_path=storage_path, verbose=0, callbacks=callbacks or [],
+                    failure_config=tune.FailureConfig(max_failures=max_failures),
+                ),
+            )
+        by_key.update(_group(tuner.fit(), [e], metric))
+    return by_key
+
+
+def _group(grid, entries, metric: str) -> Dict[str, List]:
+    from tasks.evaluate import entry_of
+
     by_key: Dict[str, List] = {e["key"]: [] for e in entries}
     for result in grid:
-        key = result.config["entry"]["key"]
+        key, _ = entry_of(result.config)
         if key in by_key:  # a restored search may hold entries finished (and cached) before
             by_key[key].append(result)
     for key, results in by_key.items():

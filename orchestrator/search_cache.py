@@ -18,9 +18,10 @@ SEARCH_VERSION = 1
 
 
 def search_key(feature_keys: List[str], detector: str, fixed: Dict, space: Dict, num_samples: int, metric: str,
-               seed: int) -> str:
+               seed: int, algorithm: str = "basic") -> str:
     return content_key({"v": SEARCH_VERSION, "features": sorted(feature_keys), "detector": detector, "fixed": fixed,
-                        "space": space, "num_samples": num_samples, "metric": metric, "seed": seed})
+                        "space": space, "num_samples": num_samples, "metric": metric, "seed": seed,
+                        "algorithm": algorithm})
 
 
 def paths(storage: str, key: str) -> Dict[str, str]:

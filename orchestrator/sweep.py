@@ -181,7 +181,7 @@ class SweepRunner:
                 num_samples = det.num_samples or cfg.search.num_samples
                 key = f"{bb.label}/{det.label}"
                 skey = search_cache.search_key([f.key for f in bb.features], spec.name, det.params, space,
-                                               num_samples, metric, cfg.seed)
+                                               num_samples, metric, cfg.seed, cfg.search.algorithm)
                 info[key] = (bb, det, space, skey)
                 runs[key], done = tracker.child(parent, f"{det.label} @ {bb.label}",
                                                 {"stage": "detector", "backbone": bb.label, "detector": det.label})
@@ -197,7 +197,10 @@ class SweepRunner:
         if cached:
             _say(f"[search] reusing {len(cached)} of {len(info)} cached searches")
         if entries:
-            total = sum(len(entry_variants(e["search"], e["num_samples"], cfg.seed, e["key"])) for e in entries)
+            if cfg.search.algorithm == "optuna":
+                total = sum(e["num_samples"] for e in entries)
+            else:
+                total = sum(len(entry_variants(e["search"], e["num_samples"], cfg.seed, e["key"])) for e in entries)
             _say(f"[search] {len(entries)} searches, {total} trials, selected on val_{metric} ({mode}) only")
             self._ray()
             callback = BatchedMLflowCallback(
@@ -211,6 +214,7 @@ class SweepRunner:
                     name=f"{cfg.name}-{self.sweep_key[:12]}", seed=cfg.seed,
                     resources={"cpu": 1, "gpu": cfg.resources.gpus_per_trial},
                     callbacks=[callback, TrialProgress(bar)], max_failures=cfg.resources.max_retries,
+                    algorithm=cfg.search.algorithm,
                 )
             self._finish_searches(by_key, contexts, info)
         rows: List[Dict] = []
@@ -276,6 +280,7 @@ class SweepRunner:
                                         "search_space": space, "trials": len(trials)},
                         metrics=best["metrics"], tags={"cached": str(reused).lower(), "search_key": skey})
             self._figures(tracker, run_id, f"{det.label} @ {bb.label}", scores)
+            self._exit_figures(tracker, run_id, det, skey)
 
     def _finish_searches(self, by_key, contexts, info) -> None:
         """Select each search's best trial on validation, score it for the figures, cache both."""
@@ -283,7 +288,7 @@ class SweepRunner:
 
         from orchestrator import search_cache
         from orchestrator.search import select_best
-        from tasks.evaluate import final_scores
+        from tasks.evaluate import entry_of, final_scores
 
         cfg = self.cfg
         metric, mode = cfg.search.metric, cfg.search.mode
@@ -293,10 +298,10 @@ class SweepRunner:
         for key, results in by_key.items():
             skey = info[key][3]
             best = select_best(results, metric, mode)
-            trials = [{"params": dict(r.config["entry"]["params"]),
+            trials = [{"params": entry_of(r.config)[1],
                        "metrics": {k: float(v) for k, v in r.metrics.items() if _is_metric(k)}}
                       for r in results if r.error is None and f"val_{metric}" in r.metrics]
-            selected = next(i for i, t in enumerate(trials) if t["params"] == dict(best.config["entry"]["params"]))
+            selected = next(i for i, t in enumerate(trials) if t["params"] == entry_of(best.config)[1])
             uri = search_cache.paths(cfg.storage, skey)["scores"]
             pending.append((skey, trials, selected, remote.remote(contexts[key], trials[selected]["params"], uri)))
         for skey, trials, selected, ref in pending:
@@ -310,6 +315,25 @@ class SweepRunner:
         ood = {k: v for k, v in scores.items() if k != "id-test"}
         tracker.log_figure(run_id, roc_figure(scores["id-test"], ood, title), "roc.png")
         tracker.log_figure(run_id, score_histogram_figure(scores["id-test"], ood, title), "scores.png")
+
+    def _exit_figures(self, tracker: Tracker, run_id: str, det, skey: str) -> None:
+        """Early-exit detectors: where samples stopped, layers used on average and compute saved, per set."""
+        from ood_core.plots import exit_layer_figure
+        from orchestrator import search_cache
+        from tasks.evaluate import load_exits
+
+        exits = load_exits(search_cache.paths(self.cfg.storage, skey)["scores"])
+        if not exits:
+            return
+        layers = list(det.params.get("layers", []))
+        metrics = {}
+        for name, e in exits.items():
+            used = float((e + 1).mean())
+            metrics[f"layers_used/{name}"] = used
+            metrics[f"compute_saved/{name}"] = 1.0 - used / max(1, len(layers))
+        tracker.log(run_id, metrics=metrics)
+        tracker.log_figure(run_id, exit_layer_figure(exits, layers, f"{det.label}: exit layer per sample"),
+                           "exit_layers.png")
 
     @staticmethod
     def _grid_figures(tracker: Tracker, parent: str, panels) -> None:

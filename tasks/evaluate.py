@@ -138,7 +138,13 @@ def score_detector_on_sets(context: Dict, params: Dict) -> Tuple[Dict[str, np.nd
             continue
         fs = _read(entry["uri"], columns)
         with torch.no_grad():
-            scores[label] = score_detector(det, _reps(fs, columns, device)).float().cpu().numpy()
+            reps = _reps(fs, columns, device)
+            if hasattr(det, "predict_with_exits"):  # early exit: keep where each sample stopped
+                s, exits = det.predict_with_exits(reps)
+                labels[f"exit:{label}"] = exits.cpu().numpy()
+                scores[label] = s.float().cpu().numpy()
+            else:
+                scores[label] = score_detector(det, reps).float().cpu().numpy()
         labels[label] = fs.labels
     return scores, labels
 
@@ -165,6 +171,30 @@ def evaluate_scores(context: Dict, scores: Dict[str, np.ndarray]) -> Dict[str, f
     return out
 
 
+def entry_of(config: Dict) -> Tuple[str, Dict]:
+    """``(entry key, detector hyperparameters)`` of a trial config.
+
+    Grid / random search passes ``{"entry": {"key", "params"}}``; Optuna's define-by-run space passes
+    ``{"entry": {"key"}}`` plus flat sampled values, list elements named ``name[i]``.
+    """
+    entry = config["entry"]
+    if "params" in entry:
+        return entry["key"], dict(entry["params"])
+    params: Dict = {}
+    lists: Dict[str, Dict[int, object]] = {}
+    for name, value in config.items():
+        if name == "entry":
+            continue
+        if name.endswith("]") and "[" in name:
+            base, index = name[:-1].split("[", 1)
+            lists.setdefault(base, {})[int(index)] = value
+        else:
+            params[name] = value
+    for base, items in lists.items():
+        params[base] = [items[i] for i in sorted(items)]
+    return entry["key"], params
+
+
 def tune_trial(config: Dict, contexts: Dict[str, Dict]) -> None:
     """Tune function trainable: one (backbone, detector, hyperparameters) point, reported once.
 
@@ -173,9 +203,9 @@ def tune_trial(config: Dict, contexts: Dict[str, Dict]) -> None:
     """
     from ray import tune
 
-    entry = config["entry"]
-    context = contexts[entry["key"]]
-    scores, _labels = score_detector_on_sets(context, dict(entry["params"]))
+    key, params = entry_of(config)
+    context = contexts[key]
+    scores, _labels = score_detector_on_sets(context, params)
     tune.report(evaluate_scores(context, scores))
 
 
@@ -189,15 +219,33 @@ def final_scores(context: Dict, params: Dict, uri: str) -> str:
 
     from ood_core import storage
 
-    scores, _ = score_detector_on_sets(context, params)
+    scores, labels = score_detector_on_sets(context, params)
     keep = ["id-test"] + [l for l, e in context["sets"].items() if e["role"] in GROUPS]
-    table = pa.table({
+    columns = {
         "set": pa.array([k for k in keep for _ in range(len(scores[k]))], pa.string()),
         "score": pa.array(np.concatenate([scores[k] for k in keep]).astype(np.float32)),
-    })
+    }
+    if f"exit:{keep[0]}" in labels:  # the layer at which each sample exited (early-exit detectors)
+        columns["exit_layer"] = pa.array(np.concatenate([labels[f"exit:{k}"] for k in keep]).astype(np.int16))
+    table = pa.table(columns)
     with storage.atomic_output(uri) as f:
         pq.write_table(table, f)
     return uri
+
+
+def load_exits(uri: str) -> Dict[str, np.ndarray]:
+    """Per-set exit layers written by :func:`final_scores` for early-exit detectors (empty otherwise)."""
+    import pyarrow.parquet as pq
+
+    from ood_core import storage
+
+    with storage.open_input(uri) as f:
+        table = pq.read_table(f)
+    if "exit_layer" not in table.column_names:
+        return {}
+    sets = table.column("set").to_numpy(zero_copy_only=False)
+    exits = table.column("exit_layer").to_numpy()
+    return {name: exits[sets == name] for name in dict.fromkeys(sets)}
 
 
 def load_scores(uri: str) -> Dict[str, np.ndarray]:

@@ -107,3 +107,24 @@ def test_list_search_specs():
     bad["detectors"][4]["search"]["alpha"][1] = {"uniform": [1, 0]}
     with pytest.raises(ConfigError, match=r"detectors\[4\]\.search\.alpha\[1\]\.uniform"):
         parse_config(bad)
+
+
+def test_optuna_space_round_trip():
+    optuna = pytest.importorskip("optuna")
+    from orchestrator.search import OptunaSpace
+    from tasks.evaluate import entry_of
+
+    space = OptunaSpace({"alpha": [{"uniform": [0, 1]}, {"loguniform": [0.1, 10]}], "k": {"randint": [1, 3]},
+                         "variant": {"grid": ["a", "b"]}, "fixed": 7}, "bb/det", {"detector": "det"})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        const = space(trial)
+        key, params = entry_of({**trial.params, **const})
+        assert key == "bb/det"
+        assert 0 <= params["alpha"][0] <= 1 and 0.1 <= params["alpha"][1] <= 10
+        assert params["k"] in (1, 2, 3) and params["variant"] in ("a", "b") and params["fixed"] == 7
+        seen.add(params["k"])
+        study.tell(trial, 0.0)
+    assert seen == {1, 2, 3}  # randint includes both ends

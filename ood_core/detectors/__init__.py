@@ -8,6 +8,7 @@ from .openmax import OpenMax
 from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
 from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
 from .gram import Gram
+from .la_ood import LAOOD, LAOODEarlyExit
 from .multilayer import LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
 from .nac import NACUE
 from .react import ReAct
@@ -40,6 +41,8 @@ __all__ = [
     "LayerEnergy",
     "LayerEnergyAggregate",
     "Gram",
+    "LAOOD",
+    "LAOODEarlyExit",
     "NACUE",
     "ODIN",
     "GradNorm",

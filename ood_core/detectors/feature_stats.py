@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
 from .mahalanobis import Mahalanobis, check_features, id_training_set
+from .numerics import lower_matmul_t, mean64, scatter64
 
 Head = Union[nn.Linear, Tuple[Tensor, Optional[Tensor]], None]
 
@@ -110,24 +111,20 @@ class RMD(Mahalanobis):
 
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "RMD":
-        super().fit_features(z, y)
-        z, _ = id_training_set(self, z, y)
-        x = z.detach().double()
-        center = x.mean(dim=0)
-        x = x - center
-        cov = x.T @ x / x.shape[0]
+        z, y = id_training_set(self, z, y)
+        total = self._fit_gaussians(z, y)  # the background's scatter is the total scatter about the mean
+        cov = total / z.shape[0]
         self.background_whitener, _, _ = _whitener(cov, 1e-6, 1e-10 * float(torch.diagonal(cov).sum()))
-        self.background_center = center
+        self.background_center = self.center
         return self
 
     @torch.no_grad()
     def predict_features(self, z: Tensor) -> Tensor:
         self._require_fit()
         z = check_features(self, z, self.mu.shape[1])
-        dtype, device = z.dtype, z.device
-        w0 = (z - self.background_center.to(device=device, dtype=dtype)) @ self.background_whitener.to(
-            device=device, dtype=dtype).T
-        return self._min_distance(z) - (w0 * w0).sum(dim=1)
+        x = z - self.center.to(device=z.device, dtype=z.dtype)  # == background_center
+        w0 = self._whiten(x, self.background_whitener)
+        return self._closest(self._whiten(x)) - (w0 * w0).sum(dim=1)
 
 
 class GMM(FeaturesDetector):
@@ -169,23 +166,32 @@ class GMM(FeaturesDetector):
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "GMM":
         z, y = id_training_set(self, z, y)
-        x = z.detach().double()
-        n, d = x.shape
+        z = z.detach()
+        n, d = z.shape
         classes, inverse = torch.unique(y, return_inverse=True)
-        floor = 1e-10 * float(((x - x.mean(dim=0)) ** 2).sum()) / n
-        mus, whiteners, log_norm = [], [], []
-        for k in range(classes.shape[0]):  # one Gaussian per class (a loop over classes, not samples)
-            xc = x[inverse == k]
-            mu = xc.mean(dim=0)
-            r = xc - mu
-            whitener, _, log_det = _whitener(r.T @ r / xc.shape[0], self.reg, floor)
+        counts = torch.bincount(inverse, minlength=classes.shape[0])
+        grouped = z.index_select(0, torch.argsort(inverse, stable=True))  # rows grouped by class
+        mus, covs = [], []
+        for xc in torch.split(grouped, counts.tolist()):  # one Gaussian per class (a loop over classes)
+            mu = mean64(xc)
             mus.append(mu)
+            covs.append(scatter64(xc, mu) / xc.shape[0])
+        mu = torch.stack(mus)
+        weight = counts.to(mu.dtype)
+        # average total variance = within-class + between-class parts (no cancellation)
+        center = (weight[:, None] * mu).sum(dim=0) / n
+        total_var = float(sum(w * torch.diagonal(c).sum() for w, c in zip(weight, covs))
+                          + (weight * ((mu - center) ** 2).sum(dim=1)).sum()) / n
+        whiteners, log_norm = [], []
+        for k, cov in enumerate(covs):
+            whitener, _, log_det = _whitener(cov, self.reg, 1e-10 * total_var)
             whiteners.append(whitener)
-            log_norm.append(math.log(xc.shape[0] / n) - 0.5 * (log_det + d * math.log(2 * math.pi)))
+            log_norm.append(math.log(float(weight[k]) / n) - 0.5 * (log_det + d * math.log(2 * math.pi)))
+        del covs
         self.classes = classes
-        self.mu = torch.stack(mus)
+        self.mu = mu
         self.whiteners = torch.stack(whiteners)
-        self.log_norm = torch.tensor(log_norm, dtype=torch.float64, device=x.device)
+        self.log_norm = torch.tensor(log_norm, dtype=torch.float64, device=z.device)
         self._mark_fitted()
         return self
 
@@ -197,7 +203,7 @@ class GMM(FeaturesDetector):
         mu = self.mu.to(device=device, dtype=dtype)
         maha = torch.empty(z.shape[0], mu.shape[0], dtype=dtype, device=device)
         for k in range(mu.shape[0]):
-            w = (z - mu[k]) @ self.whiteners[k].to(device=device, dtype=dtype).T
+            w = lower_matmul_t(z - mu[k], self.whiteners[k].to(device=device, dtype=dtype))
             maha[:, k] = (w * w).sum(dim=1)
         return -torch.logsumexp(self.log_norm.to(device=device, dtype=dtype) - 0.5 * maha, dim=1)
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..api import FeaturesDetector, InvalidInputError, check_input
+from .numerics import lower_matmul_t, mean64, scatter64
 
 #: relative ridge added to the shared covariance: ``RIDGE * trace(Sigma) / D`` (``RIDGE`` when the trace is 0)
 RIDGE = 1e-6
@@ -117,18 +118,24 @@ class Mahalanobis(FeaturesDetector):
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "Mahalanobis":
         z, y = id_training_set(self, z, y)
-        z = z.detach().to(torch.float64, copy=True)  # own copy: centred in place below
+        self._fit_gaussians(z, y)
+        return self
+
+    def _fit_gaussians(self, z: Tensor, y: Tensor) -> Tensor:
+        """Fit on validated ``(z, y)``; returns the total scatter ``sum_i (z_i - center)(z_i - center)^T``
+        (float64, for subclasses: :class:`~.feature_stats.RMD` reuses it for its background Gaussian)."""
         n, d = z.shape
+        center = mean64(z.detach())
+        x = torch.sub(z.detach(), center)  # float64, centred: limits the cancellation below
         classes, inverse = torch.unique(y, return_inverse=True)
         n_classes = classes.shape[0]
-        counts = torch.bincount(inverse, minlength=n_classes).to(z.dtype)
-        center = z.mean(dim=0)
-        z -= center  # centring first limits cancellation below
+        counts = torch.bincount(inverse, minlength=n_classes).to(x.dtype)
         # class means relative to the centre, m_c = mu_c - center
-        m = torch.zeros(n_classes, d, dtype=z.dtype, device=z.device).index_add_(0, inverse, z)
+        m = torch.zeros(n_classes, d, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
         m /= counts[:, None]
-        # within-class scatter = total scatter - between-class scatter (one Gram matmul, no gather)
-        total = z.T @ z
+        # within-class scatter = total scatter - between-class scatter (one symmetric Gram, no gather)
+        total = scatter64(x)
+        del x
         cov = (total - (m * counts[:, None]).T @ m) / n
         cov = 0.5 * (cov + cov.T)
         mu = m + center
@@ -143,7 +150,7 @@ class Mahalanobis(FeaturesDetector):
             evals = evals.clamp(min=self.ridge)
             cov = (evecs * evals) @ evecs.T
             chol = torch.linalg.cholesky(cov)
-        eye = torch.eye(d, dtype=z.dtype, device=z.device)
+        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
         whitener = torch.linalg.solve_triangular(chol, eye, upper=False)
         self.classes = classes
         self.mu = mu
@@ -151,7 +158,7 @@ class Mahalanobis(FeaturesDetector):
         self.whitener = whitener
         self.whitened_mu = m @ whitener.T
         self._mark_fitted()
-        return self
+        return total
 
     def _min_distance(self, z: Tensor) -> Tensor:
         """``min_c`` squared Mahalanobis distance, ``(N,)`` (differentiable in ``z``).
@@ -160,10 +167,15 @@ class Mahalanobis(FeaturesDetector):
         distance to it is then recomputed directly as ``|w - m_c|^2``, which avoids the
         cancellation of the expansion when the classes are far apart relative to their spread.
         """
-        dtype, device = z.dtype, z.device
-        a = self.whitener.to(device=device, dtype=dtype)
-        m = self.whitened_mu.to(device=device, dtype=dtype)
-        w = (z - self.center.to(device=device, dtype=dtype)) @ a.T
+        return self._closest(self._whiten(z - self.center.to(device=z.device, dtype=z.dtype)))
+
+    def _whiten(self, x: Tensor, whitener: Optional[Tensor] = None) -> Tensor:
+        """``x @ L^{-T}`` for centred ``x`` (the lower-triangular product outside autograd)."""
+        a = (self.whitener if whitener is None else whitener).to(device=x.device, dtype=x.dtype)
+        return x @ a.T if torch.is_grad_enabled() and x.requires_grad else lower_matmul_t(x, a)
+
+    def _closest(self, w: Tensor) -> Tensor:
+        m = self.whitened_mu.to(device=w.device, dtype=w.dtype)
         d2 = (w * w).sum(dim=1, keepdim=True) - 2.0 * (w @ m.T) + (m * m).sum(dim=1)
         diff = w - m[d2.argmin(dim=1)]
         return (diff * diff).sum(dim=1)

@@ -31,6 +31,7 @@ from .openmax import OpenMax
 from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
 from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
 from .gram import Gram
+from .la_ood import LAOOD, LAOODEarlyExit
 from .multilayer import LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
 from .nac import NACUE
 from .react import ReAct
@@ -112,6 +113,12 @@ for _spec in (  # probability / feature-statistics / neighbour detectors
     DetectorSpec("NNGuide", NNGuide, "features", needs_head=True),
     DetectorSpec("SHE", SHE, "features", needs_head=True),
     DetectorSpec("DICE", DICE, "features", needs_head=True),
+):
+    register(_spec)
+
+for _spec in (  # LA-OOD: one-class SVMs over layers (la_ood.py)
+    DetectorSpec("LAOOD", LAOOD, "layers"),
+    DetectorSpec("LAOODEarlyExit", LAOODEarlyExit, "layers"),
 ):
     register(_spec)
 
