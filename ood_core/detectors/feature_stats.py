@@ -318,7 +318,7 @@ class NCI(HeadMixin, FeaturesDetector):
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "NCI":
         z, _ = self._head_features(z, y)
-        self.center = z.detach().double().mean(dim=0)
+        self.center = mean64(z.detach())
         self._mark_fitted()
         return self
 
@@ -365,7 +365,7 @@ class fDBD(HeadMixin, FeaturesDetector):  # noqa: N801 - the paper's spelling
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "fDBD":
         z, _ = self._head_features(z, y)
-        self.center = z.detach().double().mean(dim=0)
+        self.center = mean64(z.detach())
         w = self.w.to(z.device).double()
         gaps = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")  # exact, no cancellation
         self.inv_gaps = torch.where(gaps > 0, 1.0 / gaps, torch.zeros_like(gaps)).fill_diagonal_(0.0)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..api import FeaturesDetector, InvalidInputError
 from .mahalanobis import check_features, id_training_set
+from .numerics import mean64
 
 #: upper bound on the elements of one (test chunk x train) distance block
 CHUNK_ELEMENTS = 1 << 24
@@ -66,7 +67,7 @@ class KNN(FeaturesDetector):
                 f"KNN: k={self.k} exceeds the number of ID training samples ({z.shape[0]})"
             )
         z = self._prepare(z.detach())
-        offset = z.double().mean(dim=0).to(z.dtype)
+        offset = mean64(z).to(z.dtype)
         bank = (z - offset).contiguous()
         self.offset = offset
         self.bank = bank

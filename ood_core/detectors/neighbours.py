@@ -10,6 +10,7 @@ from ..api import FeaturesDetector, InvalidInputError
 from .feature_stats import Head, HeadMixin
 from .logits import LOGIT_SCORES
 from .mahalanobis import check_features
+from .numerics import mean64
 from .react import percentile
 
 #: upper bound on the elements of one (test chunk x bank) similarity block
@@ -181,7 +182,7 @@ class DICE(HeadMixin, FeaturesDetector):
     def fit_features(self, z: Tensor, y: Tensor) -> "DICE":
         z, _ = self._head_features(z, y)
         w = self.w.to(z.device)
-        contrib = z.detach().double().mean(dim=0)[None, :] * w.double()
+        contrib = mean64(z.detach())[None, :] * w.double()
         self.threshold = percentile(contrib, self.p)
         self.masked_w = torch.where(contrib > self.threshold, w, torch.zeros_like(w))
         self._mark_fitted()

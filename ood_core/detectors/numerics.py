@@ -41,9 +41,9 @@ def mean64(x: Tensor) -> Tensor:
 def scatter64(x: Tensor, center: Optional[Tensor] = None) -> Tensor:
     """``sum_i (x_i - c)(x_i - c)^T`` in float64, ``(D, D)``, for ``x`` ``(N, D)`` (``c = 0`` if ``center`` is None).
 
-    ``x`` is converted (and centred) to float64 in one pass unless it already is float64 and uncentred;
-    then only the panel blocks on and below the diagonal are multiplied (``PANEL`` columns each, about
-    0.6x the flops of ``x.T @ x`` for D = 512) and the upper triangle is mirrored.
+    ``x`` is converted to float64 and centred in one pass; then only the panel blocks on and below the
+    diagonal are multiplied (``PANEL`` columns each, about 0.6x the flops of ``x.T @ x`` for D = 512) and
+    the upper triangle is mirrored.
     """
     if center is not None:
         x = torch.sub(x, center.to(device=x.device, dtype=torch.float64))

@@ -9,24 +9,16 @@ from torch import Tensor, nn
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
 from .logits import LOGIT_SCORES
 from .mahalanobis import check_features, id_training_set
+from .numerics import percentiles
 
 
 def percentile(x: Tensor, q: float) -> float:
     """``numpy.percentile(x, q)`` (linear interpolation) of all entries of ``x``, without sorting.
 
-    Uses two ``kthvalue`` calls, so it works for any size (``torch.quantile`` is limited to 2^24
-    entries) and on the device of ``x``.
+    Partial selection (``numpy.partition`` on CPU, two ``kthvalue`` calls elsewhere), so it works for any
+    size (``torch.quantile`` is limited to 2^24 entries) and on the device of ``x``.
     """
-    flat = x.reshape(-1)
-    n = flat.numel()
-    pos = (q / 100.0) * (n - 1)
-    lo = int(pos)
-    frac = pos - lo
-    v_lo = float(flat.kthvalue(lo + 1).values)
-    if frac == 0 or lo + 1 >= n:
-        return v_lo
-    v_hi = float(flat.kthvalue(lo + 2).values)
-    return v_lo + (v_hi - v_lo) * frac
+    return percentiles(x, [q])[0]
 
 
 class ReAct(FeaturesDetector):

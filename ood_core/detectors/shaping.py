@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..api import DetectorError, FeatureMapsDetector, FeaturesDetector, InvalidInputError, check_input
 from .logits import LOGIT_SCORES
 from .mahalanobis import id_training_set
-from .react import percentile as global_percentile
+from .numerics import percentiles, percentiles_dim0
 
 Head = Union[nn.Linear, Tuple[Tensor, Optional[Tensor]], None]
 OPENOOD_PERCENTILES = [65, 70, 75, 80, 85, 90, 95]
@@ -240,19 +240,6 @@ class SCALE(_HeadShaper):
         return x * self.scale_factor(x).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _percentile_dim0(x: Tensor, q: float) -> Tensor:
-    """``numpy.percentile(x, q, axis=0)`` (linear interpolation) with two ``kthvalue`` calls."""
-    n = x.shape[0]
-    pos = (q / 100.0) * (n - 1)
-    lo = int(pos)
-    frac = pos - lo
-    v_lo = x.kthvalue(lo + 1, dim=0).values
-    if frac == 0 or lo + 1 >= n:
-        return v_lo
-    v_hi = x.kthvalue(lo + 2, dim=0).values
-    return v_lo + (v_hi - v_lo) * frac
-
-
 class VRA(_HeadShaper):
     r"""VRA-P: zero the activations below :math:`\alpha`, clip those above :math:`\beta` (fitted thresholds).
 
@@ -304,12 +291,11 @@ class VRA(_HeadShaper):
     def _fit(self, x: Tensor, y: Tensor) -> "VRA":
         flat, _ = id_training_set(self, x.reshape(x.shape[0], -1), y, name="activations")
         flat = flat.detach()
-        if self.per_dimension:
-            self.lower = _percentile_dim0(flat, self.lower_percentile).reshape(x.shape[1:])
-            self.upper = _percentile_dim0(flat, self.upper_percentile).reshape(x.shape[1:])
+        qs = [self.lower_percentile, self.upper_percentile]
+        if self.per_dimension:  # both percentiles from one partial selection
+            self.lower, self.upper = (v.reshape(x.shape[1:]) for v in percentiles_dim0(flat, qs))
         else:
-            self.lower = global_percentile(flat, self.lower_percentile)
-            self.upper = global_percentile(flat, self.upper_percentile)
+            self.lower, self.upper = percentiles(flat, qs)
         self.sample_shape = tuple(x.shape[1:])
         self._mark_fitted()
         return self

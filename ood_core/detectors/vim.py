@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
 from .mahalanobis import check_features, id_training_set
+from .numerics import mean64, scatter64
 
 
 def _auto_dim(d_features: int) -> int:
@@ -22,7 +23,8 @@ def _auto_dim(d_features: int) -> int:
 class ViM(FeaturesDetector):
     r"""Virtual-logit Matching on penultimate features :math:`z \in R^D` and the linear head ``(w, b)``.
 
-    Fit (float64, ID training features):
+    Fit (ID training features; second moment and eigendecomposition in float64, the residual norms
+    that give :math:`\alpha` in the features' dtype, float32 at least):
 
     * origin :math:`u = -W^{+} b` (pseudo-inverse of the head weights :math:`W \in R^{C\times D}`);
     * principal subspace: the top-:math:`d` eigenvectors of
@@ -104,19 +106,24 @@ class ViM(FeaturesDetector):
             raise InvalidInputError(
                 f"ViM: principal dimension d={d} must be smaller than the feature dimension D={dim}"
             )
-        z64 = z.detach().double()
+        work = torch.float64 if z.dtype == torch.float64 else torch.float32
+        z = z.detach().to(work)
         w64 = self.w.to(z.device).double()
         b64 = self.b.to(z.device).double()
         u = -(torch.linalg.pinv(w64) @ b64)
-        x = z64 - u
-        cov = x.T @ x / n
-        _, evecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+        # second moment about u = scatter about the mean + the mean's rank-one part (float64: the split at d
+        # can have a small eigengap, where float32 sums would rotate the subspace visibly)
+        mean = mean64(z)
+        shift = mean - u
+        cov = (scatter64(z, mean) + n * torch.outer(shift, shift)) / n
+        _, evecs = torch.linalg.eigh(cov)  # float64, ascending eigenvalues
         basis = evecs[:, : dim - d].contiguous()  # complement of the top-d eigenvectors
-        resid = (x @ basis).norm(dim=1)
-        max_logit = (z64 @ w64.T + b64).max(dim=1).values
-        norm_scale = float(x.norm(dim=1).mean())
-        denom = max(float(resid.mean()), 1e-8 * norm_scale + 1e-12)
-        self.alpha = float(max_logit.mean()) / denom
+        x = z - u.to(work)
+        resid = (x @ basis.to(work)).norm(dim=1)
+        max_logit = self._logits(z).max(dim=1).values
+        norm_scale = float(x.norm(dim=1).double().mean())
+        denom = max(float(resid.double().mean()), 1e-8 * norm_scale + 1e-12)
+        self.alpha = float(max_logit.double().mean()) / denom
         self.u = u
         self.residual_basis = basis
         self.dim = d
