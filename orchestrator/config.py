@@ -178,6 +178,8 @@ class SweepConfig(_Strict):
     name: str = Field(min_length=1)
     seed: int = 0
     storage: str = ".ood_sweep"
+    #: set when ``storage`` is a plain path that every node of a cluster sees (a shared mount)
+    shared_storage: bool = False
     tracking_uri: Optional[str] = None
     data: DataConfig
     backbones: List[BackboneConfig] = Field(min_length=1)

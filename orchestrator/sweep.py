@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 from orchestrator import report
 from orchestrator.config import SweepConfig, val_test_overlap
+from orchestrator.errors import UserError
 from orchestrator.plan import BackbonePlan, SweepPlan, content_key, join_uri, make_plan
 from orchestrator.tracking import PARENT_TAG, Tracker, flatten
 
@@ -353,9 +354,35 @@ class SweepRunner:
         return "://" not in uri or uri.startswith("file://")
 
     # ------------------------------------------------------------------ all
+    def check_cluster(self) -> None:
+        """On a multi-node Ray cluster, refuse storage or tracking that only this node can see.
+
+        Runs when the sweep joins a cluster (``RAY_ADDRESS``, e.g. under ``ray job submit``, or an
+        already connected driver), before any work starts.
+        """
+        import ray
+
+        if not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
+            return  # a local Ray instance: one node
+        self._ray()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if len(nodes) <= 1:
+            return
+        problems = []
+        if "://" not in self.cfg.storage and not self.cfg.shared_storage:
+            problems.append(f"storage {self.cfg.storage!r} is a node-local path (use an s3:// or gs:// URI, or a "
+                            "shared mount with shared_storage: true)")
+        uri = self.tracking_uri
+        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+            problems.append(f"tracking_uri {uri!r} is a local store (run an MLflow tracking server on the head and "
+                            "set tracking_uri: http://127.0.0.1:5000, see README)")
+        if problems:
+            raise UserError(f"this Ray cluster has {len(nodes)} nodes, but " + "; and ".join(problems))
+
     def run(self) -> List[Dict]:
         cfg = self.cfg
         started = time.perf_counter()
+        self.check_cluster()
         tracker = Tracker(self.tracking_uri, cfg.name)
         _say(f"[sweep] {cfg.name}: {len(self.plan.backbones)} backbone(s), {len(cfg.detectors)} detector(s); "
              f"MLflow {self.tracking_uri}, experiment {cfg.name!r}")

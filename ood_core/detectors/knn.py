@@ -12,6 +12,67 @@ from .numerics import mean64
 
 #: upper bound on the elements of one (test chunk x train) distance block
 CHUNK_ELEMENTS = 1 << 24
+#: bfloat16 screening (CPUs with AMX): for k <= SCREEN_MAX_K and banks of >= SCREEN_MIN_BANK rows
+SCREEN_MAX_K = 64
+SCREEN_MIN_BANK = 4096
+#: candidates per query kept by the screen and re-ranked in float32 (at least k + 1)
+SCREEN_CANDIDATES = 64
+#: upper bound on the elements of one (test chunk x train) bfloat16 screening block
+SCREEN_CHUNK_ELEMENTS = 1 << 25
+_U16, _U32 = 2.0**-8, 2.0**-24  # unit roundoffs of bfloat16 and float32
+
+
+def fast_bf16_matmul(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls are much faster than float32 ones here (a CPU with AMX tiles)."""
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # pragma: no cover - older torch
+        return False
+
+
+def _bf16_hi_lo(x: Tensor) -> Tensor:
+    """``x`` (float32, ``(N,)``) as two bfloat16 columns whose sum is ``x`` to ~2^-16 relative."""
+    hi = x.to(torch.bfloat16)
+    return torch.stack([hi, (x - hi.float()).to(torch.bfloat16)], dim=1)
+
+
+def screen_bank(bank: Tensor, bank_sq: Tensor) -> Tensor:
+    """``[t, hi/lo(-|t|^2 / 2), 1, 1]`` in bfloat16, ``(N, D + 4)``: the bank side of :func:`screened_kth`."""
+    ones = torch.ones(bank.shape[0], 2, dtype=torch.bfloat16, device=bank.device)
+    return torch.cat([bank.to(torch.bfloat16), _bf16_hi_lo(-0.5 * bank_sq), ones], dim=1)
+
+
+def screened_kth(q: Tensor, bank: Tensor, bank_sq: Tensor, aug_bank: Tensor, max_norm: float, k: int):
+    """Squared distance of each query (float32 ``(R, D)``, centred like ``bank``) to its ``k``-th nearest
+    bank row, through a bfloat16 screen with a certificate.
+
+    One bfloat16 matmul gives ``v ~ -|q - t|^2 / 2`` for every bank row (the norms enter as extra
+    hi/lo columns); the ``m`` largest are re-ranked in float32. The rounding of the screen is bounded
+    rigorously: inputs ``(2u + u^2)|q||t|``, float32 accumulation, the split norms, and the output rounding
+    (relative ``u``), with ``|t| <= max_norm``. A row is certified when every bank row outside its ``m``
+    candidates is provably farther than the ``k``-th candidate; returns ``(kth index, certified)``.
+    """
+    r, d = q.shape
+    m = min(max(SCREEN_CANDIDATES, k + 1), bank.shape[0])
+    qn2 = (q * q).sum(dim=1)
+    aug_q = torch.cat([q.to(torch.bfloat16), torch.ones(r, 2, dtype=torch.bfloat16, device=q.device),
+                       _bf16_hi_lo(-0.5 * qn2)], dim=1)
+    vals, idx = (aug_q @ aug_bank.T).topk(m, dim=1)  # largest v = nearest
+    cand = bank.index_select(0, idx.reshape(-1)).reshape(r, m, d)
+    ex = torch.baddbmm(bank_sq[idx][:, None, :], q[:, None, :], cand.transpose(1, 2), alpha=-2.0)[:, 0]
+    kth_val, kth_pos = (ex.min(dim=1) if k == 1 else ex.kthvalue(k, dim=1))
+    # certificate (float64): bank rows outside the candidates have v <= a (the m-th largest v)
+    qn = qn2.double().sqrt() * (1 + 1e-6)
+    t = max_norm * (1 + 1e-6)
+    a = vals[:, -1].double()
+    a = torch.where(a <= 0, a / (1 + _U16), a / (1 - _U16))
+    err = ((2 * _U16 + _U16**2) * qn * t + _U16**2 * (t * t + qn * qn)
+           + 1.02 * (d + 4) * _U32 * (qn * t + t * t + qn * qn) * (1 + _U16) ** 2)
+    lower = -2.0 * a - 2.0 * 1.05 * err  # lower bound on |q - t|^2 outside the candidates
+    upper = (qn2.double() + kth_val.double()) + 4.0 * (d + 2) * _U32 * (qn + t) ** 2  # >= the k-th candidate's
+    return idx.gather(1, kth_pos[:, None])[:, 0], lower > upper
 
 
 class KNN(FeaturesDetector):
@@ -53,6 +114,7 @@ class KNN(FeaturesDetector):
         self.bank: Optional[Tensor] = None  #: centred (normalised) training features, (N, D)
         self.bank_sq: Optional[Tensor] = None  #: squared norms of ``bank``, (N,)
         self.offset: Optional[Tensor] = None  #: training mean subtracted from both sides, (D,)
+        self._screen: Optional[tuple] = None  #: (bfloat16 screening bank, max row norm), built on demand
 
     def _prepare(self, z: Tensor) -> Tensor:
         if self.normalize:
@@ -72,6 +134,7 @@ class KNN(FeaturesDetector):
         self.offset = offset
         self.bank = bank
         self.bank_sq = (bank * bank).sum(dim=1)
+        self._screen = None
         self._mark_fitted()
         return self
 
@@ -83,13 +146,37 @@ class KNN(FeaturesDetector):
         bank = self.bank.to(device=device, dtype=dtype)
         bank_sq = self.bank_sq.to(device=device, dtype=dtype)
         q = self._prepare(z) - self.offset.to(device=device, dtype=dtype)
-        n_train = bank.shape[0]
-        k = min(self.k, n_train)
-        rows = max(1, CHUNK_ELEMENTS // max(n_train, 1))
-        out = torch.empty(q.shape[0], dtype=dtype, device=device)
+        k = min(self.k, bank.shape[0])
+        if (dtype == torch.float32 and k <= SCREEN_MAX_K and bank.shape[0] >= SCREEN_MIN_BANK
+                and fast_bf16_matmul(device)):
+            kth = self._screened(q, bank, bank_sq, k)
+        else:
+            kth = self._exact_kth(q, bank, bank_sq, k)
+        return (q - bank[kth]).norm(dim=1)  # the selected neighbour's distance, recomputed directly
+
+    @staticmethod
+    def _exact_kth(q: Tensor, bank: Tensor, bank_sq: Tensor, k: int) -> Tensor:
+        """Index of the ``k``-th nearest bank row of each query, by chunked float32 matmul (``|t|^2 - 2 q.t``)."""
+        rows = max(1, CHUNK_ELEMENTS // max(bank.shape[0], 1))
+        out = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
         for start in range(0, q.shape[0], rows):
-            block = q[start : start + rows]
-            d2 = (block * block).sum(dim=1, keepdim=True) - 2.0 * (block @ bank.T) + bank_sq
-            kth = d2.topk(k, dim=1, largest=False, sorted=True).indices[:, -1]
-            out[start : start + rows] = (block - bank[kth]).norm(dim=1)
+            d2 = torch.addmm(bank_sq, q[start : start + rows], bank.T, alpha=-2.0)
+            out[start : start + rows] = (d2.argmin(dim=1) if k == 1 else
+                                         d2.topk(k, dim=1, largest=False, sorted=True).indices[:, -1])
+        return out
+
+    def _screened(self, q: Tensor, bank: Tensor, bank_sq: Tensor, k: int) -> Tensor:
+        """:func:`screened_kth` in chunks; rows without a certificate are searched exactly."""
+        cache = self._screen
+        if cache is None or cache[0].device != q.device:
+            cache = self._screen = (screen_bank(bank, bank_sq), float(bank_sq.max().sqrt()))
+        rows = max(1, SCREEN_CHUNK_ELEMENTS // bank.shape[0])
+        out = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
+        certified = torch.empty(q.shape[0], dtype=torch.bool, device=q.device)
+        for start in range(0, q.shape[0], rows):
+            sl = slice(start, start + rows)
+            out[sl], certified[sl] = screened_kth(q[sl], bank, bank_sq, cache[0], cache[1], k)
+        retry = (~certified).nonzero().flatten()
+        if retry.numel():
+            out[retry] = self._exact_kth(q[retry], bank, bank_sq, k)
         return out
