@@ -38,12 +38,10 @@ def init_ray() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banners, our own progress bar
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C interrupts the sweep, not only Tune
-    address = os.environ.get("RAY_ADDRESS")
-    kwargs = dict(include_dashboard=False, logging_level="ERROR", configure_logging=True)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(**kwargs)
+    # RAY_ADDRESS (set by `ray job submit`, or by hand) joins a cluster; otherwise a fresh local instance,
+    # never a leftover one that Ray would find through /tmp/ray/ray_current_cluster.
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, logging_level="ERROR", configure_logging=True)
 
 
 def _is_metric(key: str) -> bool:

@@ -34,6 +34,8 @@ SCRIPT = textwrap.dedent('''
             runner.run()
         except UserError as exc:
             print("REFUSED", exc)
+        ray.shutdown()
+        cluster.shutdown()
         sys.exit(0)
     result = {}
     thread = threading.Thread(target=lambda: result.update(rows=runner.run()))

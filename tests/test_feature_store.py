@@ -154,3 +154,35 @@ def test_validate_feature_file(tmp_path):
     pq.write_table(pa.table({"index": pa.array([0], pa.int64()), "label": pa.array([0], pa.int64())}),
                    tmp_path / "other.parquet")
     assert not validate_feature_file(tmp_path / "other.parquet")
+
+
+def test_two_writers_of_one_file_never_leave_a_torn_file(tmp_path):
+    """Two sweeps extracting the same features at once: each writes a temp file and renames it."""
+    import threading
+
+    import numpy as np
+    import pandas as pd
+
+    from ood_core.feature_store import FeatureWriter, validate_feature_file
+
+    uri = str(tmp_path / "shared.parquet")
+    errors = []
+
+    def write(seed):
+        try:
+            rng = np.random.default_rng(seed)
+            with FeatureWriter(uri, {"dataset": "x"}) as w:
+                for b in range(20):
+                    w.write(np.arange(b * 50, b * 50 + 50), np.zeros(50), {"f": rng.normal(size=(50, 32)).astype("float32")})
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert validate_feature_file(uri, ["f"])
+    assert len(pd.read_parquet(uri)) == 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.parquet"]  # no temp files left

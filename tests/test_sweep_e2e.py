@@ -159,3 +159,22 @@ def test_ui_serves_the_sweep_store_on_localhost(first_sweep, monkeypatch):
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == raw["tracking_uri"]
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
+
+
+def test_corrupt_cache_files_are_detected_and_recomputed(first_sweep, capsys):
+    import json as _json
+
+    tmp_path, raw, cfg, rows = first_sweep
+    store = tmp_path / "store"
+    feature = sorted((store / "features").rglob("*.parquet"))[0]
+    feature.write_bytes(feature.read_bytes()[: feature.stat().st_size // 2])  # a torn write
+    search = sorted((store / "search").glob("*.json"))[0]
+    search.write_text("{not json")
+    capsys.readouterr()
+    again = SweepRunner(parse_config(copy.deepcopy(raw)), "").run()
+    out = capsys.readouterr().out
+    assert "reusing 8 of 9 cached feature files" in out
+    assert "reusing 3 of 4 cached searches" in out
+    pd.read_parquet(feature)  # rewritten whole
+    _json.loads(search.read_text())
+    assert [r["near/auroc"] for r in again] == [r["near/auroc"] for r in rows]
