@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from orchestrator import report
+from orchestrator import artifacts, report, search_cache
 from orchestrator.config import SweepConfig, val_test_overlap
 from orchestrator.errors import UserError
 from orchestrator.plan import BackbonePlan, SweepPlan, content_key, join_uri, make_plan
@@ -165,7 +165,6 @@ class SweepRunner:
         from tqdm import tqdm
 
         from ood_core.detectors.registry import get_spec
-        from orchestrator import search_cache
         from orchestrator.search import BatchedMLflowCallback, TrialProgress, entry_variants, run_search, select_best
         from tasks.evaluate import backbone_accuracy, load_scores, tune_trial
 
@@ -230,37 +229,12 @@ class SweepRunner:
             rows.append({"backbone": bb.label, "backbone_name": bb.name, "seed": bb.seed, "backbone_key": bb.key,
                          "detector": det.label, "type": det.type,
                          "selected": best["params"], "trials": len(trials), **best["metrics"]})
-        self._grid_figures(tracker, parent, panels)
+        artifacts.log_roc_grids(tracker, parent, panels)
         accs = {bb.key: backbone_accuracy(next(f.uri for f in bb.features if f.dataset.role == "id_test"))
                 for bb in plan.backbones}
         for row in rows:
             row["id_accuracy"] = accs[row["backbone_key"]]
         return rows
-
-    def layer_analysis(self, tracker: Tracker, parent: str) -> None:
-        """Per-layer energy AUROC (``000_*``) of every backbone with ``*.energy`` columns: table + bar charts."""
-        import pandas as pd
-
-        from ood_core.plots import per_layer_auroc_figure
-        from tasks.analysis import per_layer_analysis
-
-        for bb in self.plan.backbones:
-            energy = [c for c in bb.columns if c.endswith(".energy")]
-            if not energy:
-                continue
-            sets = {f.dataset.label: {"uri": f.uri, "role": f.dataset.role} for f in bb.features}
-            rows = per_layer_analysis(sets, energy)
-            frame = pd.DataFrame(rows)
-            tracker.log_table(parent, frame, f"per_layer_{bb.label}")
-            final = rows[-1]
-            for key in [k for k in rows[0] if k.startswith("auroc/")]:
-                ood = key.split("/", 1)[1]
-                fig = per_layer_auroc_figure([r["layer"] for r in rows[:-1]], [r[key] for r in rows[:-1]], final[key],
-                                             f"{bb.label} vs {ood}: energy AUROC per layer")
-                tracker.log_figure(parent, fig, f"per_layer/{bb.label}_{ood}.png")
-            better = [r["layer"] for r in rows[:-1] if any(r[k] > final[k] for k in r if k.startswith("auroc/"))]
-            _say(f"[layers] {bb.label}: {len(rows) - 1} layers analysed; beating the final layer on some OOD set: "
-                 f"{', '.join(better) or 'none'}")
 
     def _log_detector(self, tracker: Tracker, run_id: str, bb, det, space, skey, record, scores, reused: bool):
         """The (backbone, detector) run: selected configuration, its metrics and figures; trials of a reused search."""
@@ -278,14 +252,14 @@ class SweepRunner:
                                         **{f"selected.{k}": v for k, v in best["params"].items()},
                                         "search_space": space, "trials": len(trials)},
                         metrics=best["metrics"], tags={"cached": str(reused).lower(), "search_key": skey})
-            self._figures(tracker, run_id, f"{det.label} @ {bb.label}", scores)
-            self._exit_figures(tracker, run_id, det, skey)
+            artifacts.log_detector_figures(tracker, run_id, f"{det.label} @ {bb.label}", scores)
+            artifacts.log_exit_figures(tracker, run_id, det.label, det.params.get("layers", []),
+                                       search_cache.paths(self.cfg.storage, skey)["scores"])
 
     def _finish_searches(self, by_key, contexts, info) -> None:
         """Select each search's best trial on validation, score it for the figures, cache both."""
         import ray
 
-        from orchestrator import search_cache
         from orchestrator.search import select_best
         from tasks.evaluate import entry_of, final_scores
 
@@ -306,41 +280,6 @@ class SweepRunner:
         for skey, trials, selected, ref in pending:
             ray.get(ref)
             search_cache.save(cfg.storage, skey, trials, selected)
-
-    @staticmethod
-    def _figures(tracker: Tracker, run_id: str, title: str, scores) -> None:
-        from ood_core.plots import roc_figure, score_histogram_figure
-
-        ood = {k: v for k, v in scores.items() if k != "id-test"}
-        tracker.log_figure(run_id, roc_figure(scores["id-test"], ood, title), "roc.png")
-        tracker.log_figure(run_id, score_histogram_figure(scores["id-test"], ood, title), "scores.png")
-
-    def _exit_figures(self, tracker: Tracker, run_id: str, det, skey: str) -> None:
-        """Early-exit detectors: where samples stopped, layers used on average and compute saved, per set."""
-        from ood_core.plots import exit_layer_figure
-        from orchestrator import search_cache
-        from tasks.evaluate import load_exits
-
-        exits = load_exits(search_cache.paths(self.cfg.storage, skey)["scores"])
-        if not exits:
-            return
-        layers = list(det.params.get("layers", []))
-        metrics = {}
-        for name, e in exits.items():
-            used = float((e + 1).mean())
-            metrics[f"layers_used/{name}"] = used
-            metrics[f"compute_saved/{name}"] = 1.0 - used / max(1, len(layers))
-        tracker.log(run_id, metrics=metrics)
-        tracker.log_figure(run_id, exit_layer_figure(exits, layers, f"{det.label}: exit layer per sample"),
-                           "exit_layers.png")
-
-    @staticmethod
-    def _grid_figures(tracker: Tracker, parent: str, panels) -> None:
-        from ood_core.plots import roc_grid_figure
-
-        for bb_label, by_det in panels.items():
-            fig = roc_grid_figure(by_det, f"ROC curves of the selected detectors ({bb_label})")
-            tracker.log_figure(parent, fig, f"roc_{bb_label}.png")
 
     def _ray(self) -> None:
         if not self._ray_started:
@@ -394,7 +333,7 @@ class SweepRunner:
             self.train(tracker, parent)
             self.extract()
             rows = self.search(tracker, parent)
-            self.layer_analysis(tracker, parent)
+            artifacts.log_layer_analysis(tracker, parent, self.plan)
             frame = report.results_frame(rows)
             tracker.log_table(parent, frame, "results")
             summary = report.seed_summary(rows)
