@@ -55,8 +55,12 @@ def _load(path: str):
 def cmd_validate(args) -> int:
     from orchestrator.plan import make_plan
 
+    from orchestrator.plan import check_inputs
+
     cfg, _ = _load(args.config)
     plan = make_plan(cfg)
+    for problem in check_inputs(cfg, fetch=False):
+        print(f"warning: {problem}", file=sys.stderr)
     sets = len(plan.backbones[0].features)
     print(f"{args.config}: ok — {len(plan.backbones)} backbone run(s), {sets} data sets, "
           f"{len(plan.backbones[0].layers)} representations, {len(cfg.detectors)} detectors")
@@ -104,11 +108,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from ood_core.checkpoints import CheckpointError
+
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (FileNotFoundError, CheckpointError) as exc:  # missing data / weights, a bad checkpoint
+        if type(exc).__name__ not in ("DataMissingError", "WeightsMissingError", "CheckpointError"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume (finished stages are reused)", file=sys.stderr)
         return 130

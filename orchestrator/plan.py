@@ -63,6 +63,7 @@ class BackbonePlan:
     params: Dict
     train: Dict
     checkpoint_uri: str
+    checkpoint: Optional[str] = None  # a user checkpoint loaded instead of training
     layers: List[Dict] = field(default_factory=list)
     features: List[FeatureJob] = field(default_factory=list)
 
@@ -161,11 +162,13 @@ def resolve_input_format(cfg: SweepConfig):
 
 
 def count_classes(cfg: SweepConfig, fmt) -> int:
-    """Number of ID classes: ``classes`` when given, else the labels of the ID training split."""
-    classes = cfg.data.id.params.get("classes")
-    if classes:
-        return len(classes)
-    from ood_core.data import load_dataset
+    """Number of ID classes: known without the data (``classes``, the registry's count), else the labels
+    of the ID training split."""
+    from ood_core.data import load_dataset, num_classes
+
+    known = num_classes(cfg.data.id.dataset, **cfg.data.id.params)
+    if known:
+        return int(known)
 
     ds = load_dataset(cfg.data.id.dataset, split="train", fmt=fmt, seed=cfg.seed, **cfg.data.id.params)
     num = getattr(ds, "num_classes", None)
@@ -180,7 +183,7 @@ def _build(cfg: SweepConfig, i: int, fmt, num_classes: int):
     bb = cfg.backbones[i]
     try:
         return build_model(bb.arch, num_classes=num_classes, in_channels=fmt.channels, image_size=fmt.image_size,
-                           **bb.params)
+                           load_weights=False, **bb.params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"backbones[{i}].params: {exc}") from None
 
@@ -202,11 +205,51 @@ def _dataset_jobs(cfg: SweepConfig) -> List[DataSetJob]:
 
 
 def backbone_key(cfg: SweepConfig, bb: BackboneConfig, seed: int, fmt) -> str:
+    """Key of a trained backbone; a user checkpoint enters by its path and content hash."""
+    source = None
+    if bb.checkpoint:
+        from ood_core import storage
+        from ood_core.checkpoints import sha256_bytes
+
+        if not storage.exists(bb.checkpoint):
+            raise ConfigError(f"backbones: checkpoint {bb.checkpoint!r} does not exist")
+        source = {"uri": bb.checkpoint, "sha256": sha256_bytes(storage.read_bytes(bb.checkpoint))}
     return content_key({
         "v": TRAIN_VERSION, "arch": bb.arch, "params": bb.params, "train": bb.train.model_dump(),
         "seed": seed, "id": {"dataset": cfg.data.id.dataset, "params": cfg.data.id.params, "split_seed": cfg.seed},
-        "format": fmt.__dict__,
+        "format": fmt.__dict__, **({"checkpoint": source} if source else {}),
     })
+
+
+def check_inputs(cfg: SweepConfig, *, fetch: bool) -> List[str]:
+    """Every data set and pretrained weight the sweep needs is there (``fetch``: download what can be).
+
+    With ``fetch`` a missing input raises (``DataMissingError`` / ``WeightsMissingError``, one line);
+    without it the problems are returned as warning lines (``validate`` on a machine without the data).
+    """
+    from ood_core.data import check_available
+    from ood_core.models import check_weights_available
+
+    sets = [(cfg.data.id.dataset, split, cfg.data.id.params) for split in ("train", "val", "test")]
+    sets += [(d.dataset, d.split, d.params) for d in cfg.data.ood_val + cfg.data.ood_test.near + cfg.data.ood_test.far]
+    problems = []
+    for name, split, params in sets:
+        try:
+            check_available(name, split=split, fetch=fetch, **params)
+        except FileNotFoundError as exc:
+            if fetch:
+                raise
+            problems.append(str(exc))
+    for bb in cfg.backbones:
+        if bb.checkpoint:
+            continue
+        try:
+            check_weights_available(bb.arch, fetch=fetch, **bb.params)
+        except FileNotFoundError as exc:
+            if fetch:
+                raise
+            problems.append(str(exc))
+    return list(dict.fromkeys(problems))
 
 
 def make_plan(cfg: SweepConfig) -> SweepPlan:
@@ -220,7 +263,7 @@ def make_plan(cfg: SweepConfig) -> SweepPlan:
         for seed in bb.seeds:
             key = backbone_key(cfg, bb, seed, fmt)
             plan = BackbonePlan(
-                name=bb.name, seed=seed, key=key, arch=bb.arch, params=dict(bb.params),
+                name=bb.name, seed=seed, key=key, arch=bb.arch, params=dict(bb.params), checkpoint=bb.checkpoint,
                 train=bb.train.model_dump(), checkpoint_uri=join_uri(cfg.storage, "checkpoints", f"{key}.pt"),
                 layers=layers,
             )

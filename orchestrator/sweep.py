@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 from orchestrator import artifacts, report, search_cache
 from orchestrator.config import SweepConfig, val_test_overlap
 from orchestrator.errors import UserError
-from orchestrator.plan import BackbonePlan, SweepPlan, content_key, join_uri, make_plan
+from orchestrator.plan import BackbonePlan, SweepPlan, check_inputs, content_key, join_uri, make_plan
 from orchestrator.tracking import PARENT_TAG, Tracker, flatten
 
 
@@ -50,7 +50,7 @@ def _is_metric(key: str) -> bool:
 
 def _bb_dict(bb: BackbonePlan) -> Dict:
     return {"key": bb.key, "label": bb.label, "arch": bb.arch, "params": bb.params, "train": bb.train,
-            "seed": bb.seed, "checkpoint_uri": bb.checkpoint_uri}
+            "seed": bb.seed, "checkpoint_uri": bb.checkpoint_uri, "checkpoint": bb.checkpoint}
 
 
 def _feature_dict(f) -> Dict:
@@ -62,6 +62,7 @@ class SweepRunner:
         self.cfg = cfg.model_copy(update={"storage": absolute_storage(cfg.storage)})
         self.config_text = config_text
         self.plan: SweepPlan = make_plan(self.cfg)
+        check_inputs(self.cfg, fetch=True)  # missing data or weights: one clear error before any work
         self.tracking_uri = self.cfg.resolved_tracking_uri()
         self._ray_started = False
         #: identity of this sweep: an interrupted run of the same config is resumed, not duplicated

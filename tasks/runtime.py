@@ -39,7 +39,8 @@ def _load_model_cached(checkpoint_uri: str, arch: str, params_json: str, num_cla
     from ood_core.checkpoints import load_checkpoint, load_into
     from ood_core.models import build_model
 
-    model = build_model(arch, num_classes=num_classes, in_channels=channels, image_size=size, **json.loads(params_json))
+    model = build_model(arch, num_classes=num_classes, in_channels=channels, image_size=size, load_weights=False,
+                        **json.loads(params_json))  # every weight comes from the checkpoint
     state, _meta = load_checkpoint(checkpoint_uri)
     load_into(model, state)
     return model.eval()

@@ -41,12 +41,23 @@ def test_sweep_file_validates(path, fake_root, monkeypatch, capsys, no_downloads
     assert "ok" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=False, reason="until the planner counts classes with ood_core.data.num_classes "
-                                        "and only warns about missing data in `validate`")
 @pytest.mark.parametrize("name", ["cifar.yaml", "cifar100.yaml"])
 def test_validate_needs_no_data_on_disk(name, tmp_path, monkeypatch, capsys, no_downloads):
     monkeypatch.setenv("OOD_SWEEP_DATA", str(tmp_path / "empty"))
-    assert main(["validate", str(ROOT / "sweeps" / name)]) == 0, capsys.readouterr().err
+    assert main(["validate", str(ROOT / "sweeps" / name)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: data set 'tinyimagenet' not found" in err and "Traceback" not in err
+
+
+def test_sweep_refuses_missing_data_before_any_work(tmp_path, monkeypatch, capsys, no_downloads):
+    """Offline and the data is not on disk: one line naming the set, the path and the remedy; exit 2."""
+    monkeypatch.setenv("OOD_SWEEP_DATA", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(ROOT / "sweeps" / "cifar.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "cifar10" in err and str(tmp_path / "empty") in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".ood_sweep").exists()
 
 
 def test_train_task_loads_a_user_checkpoint(tmp_path):
