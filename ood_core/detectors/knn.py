@@ -13,10 +13,10 @@ from .numerics import mean64
 #: upper bound on the elements of one (test chunk x train) distance block
 CHUNK_ELEMENTS = 1 << 24
 #: bfloat16 screening (CPUs with AMX): for k <= SCREEN_MAX_K and banks of >= SCREEN_MIN_BANK rows
-SCREEN_MAX_K = 64
+SCREEN_MAX_K = 16
 SCREEN_MIN_BANK = 4096
-#: candidates per query kept by the screen and re-ranked in float32 (at least k + 1)
-SCREEN_CANDIDATES = 64
+#: candidates per query kept by the screen and re-ranked in float32: max(SCREEN_CANDIDATES, 4k + 24)
+SCREEN_CANDIDATES = 32
 #: upper bound on the elements of one (test chunk x train) bfloat16 screening block
 SCREEN_CHUNK_ELEMENTS = 1 << 25
 _U16, _U32 = 2.0**-8, 2.0**-24  # unit roundoffs of bfloat16 and float32
@@ -55,7 +55,7 @@ def screened_kth(q: Tensor, bank: Tensor, bank_sq: Tensor, aug_bank: Tensor, max
     candidates is provably farther than the ``k``-th candidate; returns ``(kth index, certified)``.
     """
     r, d = q.shape
-    m = min(max(SCREEN_CANDIDATES, k + 1), bank.shape[0])
+    m = min(max(SCREEN_CANDIDATES, 4 * k + 24), bank.shape[0])
     qn2 = (q * q).sum(dim=1)
     aug_q = torch.cat([q.to(torch.bfloat16), torch.ones(r, 2, dtype=torch.bfloat16, device=q.device),
                        _bf16_hi_lo(-0.5 * qn2)], dim=1)
@@ -92,6 +92,12 @@ class KNN(FeaturesDetector):
     is in the input dtype: with ``normalize=False`` and feature norms many orders of magnitude
     above the neighbour distances, float32 can misorder near neighbours (pass float64 then).
     Memory stays bounded for any number of test samples; runs on the device of the input.
+
+    On CPUs with AMX (fast bfloat16 matmul), float32 inputs, ``k <= SCREEN_MAX_K`` and banks of at
+    least ``SCREEN_MIN_BANK`` rows, a bfloat16 matmul first screens candidates, which are re-ranked
+    in float32 (:func:`screened_kth`); a rigorous bound on the screen's rounding certifies per query
+    that no other bank row can be closer, and uncertified queries take the exact path above, so the
+    result is that of the exact search (up to float32 near-ties, as there).
 
     Paper: Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors",
     ICML 2022 (arXiv:2204.06507). pytorch-ood 0.4.0 computes the same quantity with
@@ -173,9 +179,12 @@ class KNN(FeaturesDetector):
         rows = max(1, SCREEN_CHUNK_ELEMENTS // bank.shape[0])
         out = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
         certified = torch.empty(q.shape[0], dtype=torch.bool, device=q.device)
+        certified.fill_(False)
         for start in range(0, q.shape[0], rows):
             sl = slice(start, start + rows)
             out[sl], certified[sl] = screened_kth(q[sl], bank, bank_sq, cache[0], cache[1], k)
+            if start == 0 and q.shape[0] > rows and float(certified[sl].float().mean()) < 0.5:
+                break  # the screen does not separate these data: search the rest exactly
         retry = (~certified).nonzero().flatten()
         if retry.numel():
             out[retry] = self._exact_kth(q[retry], bank, bank_sq, k)
