@@ -22,21 +22,17 @@ SCRIPT = textwrap.dedent('''
     from orchestrator.errors import UserError
     from orchestrator.sweep import SweepRunner
 
-    mode, cfg_path = sys.argv[1], sys.argv[2]
+    refused_cfg, cfg_path = sys.argv[1], sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     doomed = cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, include_dashboard=False, logging_level="ERROR")
     cluster.wait_for_nodes()
+    try:  # node-local storage and a sqlite store on a multi-node cluster
+        SweepRunner(load_config(refused_cfg), "").run()
+    except UserError as exc:
+        print("REFUSED", exc, flush=True)
     runner = SweepRunner(load_config(cfg_path), "")
-    if mode == "refuse":
-        try:
-            runner.run()
-        except UserError as exc:
-            print("REFUSED", exc)
-        ray.shutdown()
-        cluster.shutdown()
-        sys.exit(0)
     result = {}
     thread = threading.Thread(target=lambda: result.update(rows=runner.run()))
     thread.start()
@@ -54,23 +50,23 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _config(tmp_path, tracking_uri, shared=True):
+def _config(tmp_path, tracking_uri, shared=True, name="cluster.yaml"):
     raw = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
     raw.update(name="cluster", storage=str(tmp_path / "store"), shared_storage=shared, tracking_uri=tracking_uri)
     raw["backbones"][0]["train"]["epochs"] = 3
     raw["detectors"] = [{"type": "MaxSoftmax", "search": {"t": {"grid": [1, 10, 100]}}}, {"type": "KNN",
                         "search": {"k": {"grid": [1, 5]}}}, {"type": "Mahalanobis"}]
     raw["resources"]["max_retries"] = 3
-    path = tmp_path / "cluster.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def _run(tmp_path, mode, cfg):
+def _run(tmp_path, refused_cfg, cfg):
     script = tmp_path / "cluster_sweep.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), mode, str(cfg)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, str(script), str(refused_cfg), str(cfg)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -98,12 +94,16 @@ def mlflow_server(tmp_path):
     proc.wait(30)
 
 
-def test_node_lost_mid_sweep_still_completes(tmp_path, mlflow_server):
+def test_multi_node_sweep_refuses_local_stores_and_survives_a_lost_node(tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
 
+    local = _config(tmp_path, f"sqlite:///{tmp_path / 'local.db'}", shared=False, name="local.yaml")
     cfg = _config(tmp_path, mlflow_server)
-    code, out = _run(tmp_path, "run", cfg)
+    code, out = _run(tmp_path, local, cfg)
     assert code == 0, out[-4000:]
+    line = next(l for l in out.splitlines() if l.startswith("REFUSED"))
+    assert "3 nodes" in line and "node-local path" in line and "local store" in line
+    assert not (tmp_path / "local.db").exists()
     assert "REMOVED NODE" in out
     rows = json.loads(next(l for l in out.splitlines() if l.startswith("ROWS "))[5:])
     assert [r["detector"] for r in rows] == ["MaxSoftmax", "KNN", "Mahalanobis"]
@@ -113,12 +113,3 @@ def test_node_lost_mid_sweep_still_completes(tmp_path, mlflow_server):
     stages = [r.data.tags.get("stage") for r in runs]
     assert stages.count("sweep") == 1 and stages.count("detector") == 3 and stages.count("trial") == 3 + 2 + 1
     assert all(r.info.status == "FINISHED" for r in runs)
-
-
-def test_multi_node_refuses_node_local_storage_and_sqlite(tmp_path):
-    cfg = _config(tmp_path, f"sqlite:///{tmp_path / 'local.db'}", shared=False)
-    code, out = _run(tmp_path, "refuse", cfg)
-    assert code == 0, out[-3000:]
-    line = next(l for l in out.splitlines() if l.startswith("REFUSED"))
-    assert "3 nodes" in line and "node-local path" in line and "local store" in line
-    assert not (tmp_path / "store").exists()
