@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
-from .mahalanobis import Mahalanobis, check_features, id_training_set
-from .numerics import lower_matmul_t, mean64, scatter64
+from .mahalanobis import (Mahalanobis, check_features, closest_sq_distance, id_training_set, require_finite,
+                          whiten)
+from .numerics import centred_norms, lower_matmul_t, mean64, row_slices, scatter64
 
 Head = Union[nn.Linear, Tuple[Tensor, Optional[Tensor]], None]
 
@@ -50,10 +51,11 @@ class HeadMixin:
         if self.w is None:
             raise DetectorError(f"{type(self).__name__}: needs the classifier head; pass head=nn.Linear or (w, b)")
 
-    def _head_features(self, z: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
-        """Validated ID training features for a detector with a head (dimension must match)."""
+    def _head_features(self, z: Tensor, y: Tensor, finite: bool = True) -> Tuple[Tensor, Tensor]:
+        """Validated ID training features for a detector with a head (dimension must match; ``finite``
+        as in :func:`~.mahalanobis.check_features`)."""
         self._require_head()
-        z, y = id_training_set(self, z, y)
+        z, y = id_training_set(self, z, y, finite=finite)
         if z.shape[1] != self.w.shape[1]:
             raise InvalidInputError(
                 f"{type(self).__name__}: features have dimension {z.shape[1]}, head weights expect {self.w.shape[1]}"
@@ -122,9 +124,14 @@ class RMD(Mahalanobis):
     def predict_features(self, z: Tensor) -> Tensor:
         self._require_fit()
         z = check_features(self, z, self.mu.shape[1])
-        x = z - self.center.to(device=z.device, dtype=z.dtype)  # == background_center
-        w0 = self._whiten(x, self.background_whitener)
-        return self._closest(self._whiten(x)) - (w0 * w0).sum(dim=1)
+        center, whitener, means = self._params(z)  # center == background_center
+        background = self.background_whitener.to(device=z.device, dtype=z.dtype)
+        out = z.new_empty(z.shape[0])
+        for rows in row_slices(z):  # cache-sized temporaries
+            x = z[rows] - center
+            w0 = whiten(x, background)
+            out[rows] = closest_sq_distance(whiten(x, whitener), means) - (w0 * w0).sum(dim=1)
+        return out
 
 
 class GMM(FeaturesDetector):
@@ -175,7 +182,7 @@ class GMM(FeaturesDetector):
         for xc in torch.split(grouped, counts.tolist()):  # one Gaussian per class (a loop over classes)
             mu = mean64(xc)
             mus.append(mu)
-            covs.append(scatter64(xc, mu) / xc.shape[0])
+            covs.append(scatter64(xc, mu).div_(xc.shape[0]))
         mu = torch.stack(mus)
         weight = counts.to(mu.dtype)
         # average total variance = within-class + between-class parts (no cancellation)
@@ -201,10 +208,13 @@ class GMM(FeaturesDetector):
         z = check_features(self, z, self.mu.shape[1])
         dtype, device = z.dtype, z.device
         mu = self.mu.to(device=device, dtype=dtype)
+        whiteners = self.whiteners.to(device=device, dtype=dtype)
         maha = torch.empty(z.shape[0], mu.shape[0], dtype=dtype, device=device)
-        for k in range(mu.shape[0]):
-            w = lower_matmul_t(z - mu[k], self.whiteners[k].to(device=device, dtype=dtype))
-            maha[:, k] = (w * w).sum(dim=1)
+        for rows in row_slices(z):  # cache-sized temporaries; classes inside
+            zc = z[rows]
+            for k in range(mu.shape[0]):
+                w = lower_matmul_t(zc - mu[k], whiteners[k])
+                maha[rows, k] = (w * w).sum(dim=1)
         return -torch.logsumexp(self.log_norm.to(device=device, dtype=dtype) - 0.5 * maha, dim=1)
 
 
@@ -318,7 +328,7 @@ class NCI(HeadMixin, FeaturesDetector):
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "NCI":
         z, _ = self._head_features(z, y)
-        self.center = mean64(z.detach())
+        self.center = mean64(z.detach(), exact=False)  # a centre: ~1e-7 is plenty
         self._mark_fitted()
         return self
 
@@ -327,10 +337,12 @@ class NCI(HeadMixin, FeaturesDetector):
         self._require_fit()
         z = check_features(self, z, self.w.shape[1])
         dtype, device = z.dtype, z.device
-        centred = z - self.center.to(device=device, dtype=dtype)
-        w = self.w.to(device=device, dtype=dtype)[self.logits(z).argmax(dim=1)]
-        align = (w * centred).sum(dim=1) / centred.norm(dim=1).clamp(min=torch.finfo(dtype).tiny)
-        return -(align + self.alpha * z.abs().sum(dim=1))
+        # w_c.(z - mu_G) = l_c(z) - (w_c.mu_G + b_c): the numerator from the logits, no (N, D) gather
+        top, pred = self.logits(z).max(dim=1)
+        offset = (self.w.to(device).double() @ self.center.to(device) + self.b.to(device).double()).to(dtype)
+        dist = centred_norms(z, self.center)
+        align = (top - offset[pred]) / dist.clamp(min=torch.finfo(dtype).tiny)
+        return -(align + self.alpha * torch.linalg.vector_norm(z, ord=1, dim=1)) if self.alpha else -align
 
 
 class fDBD(HeadMixin, FeaturesDetector):  # noqa: N801 - the paper's spelling
@@ -364,8 +376,10 @@ class fDBD(HeadMixin, FeaturesDetector):  # noqa: N801 - the paper's spelling
 
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "fDBD":
-        z, _ = self._head_features(z, y)
-        self.center = mean64(z.detach())
+        z, _ = self._head_features(z, y, finite=False)  # the mean is the value check (one pass fewer)
+        self.center = mean64(z.detach(), exact=False)  # a centre: ~1e-7 is plenty
+        if not require_finite(self, z, self.center):  # finite features, float32 block sums overflowed
+            self.center = mean64(z.detach())
         w = self.w.to(z.device).double()
         gaps = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")  # exact, no cancellation
         self.inv_gaps = torch.where(gaps > 0, 1.0 / gaps, torch.zeros_like(gaps)).fill_diagonal_(0.0)
@@ -375,12 +389,14 @@ class fDBD(HeadMixin, FeaturesDetector):  # noqa: N801 - the paper's spelling
     @torch.no_grad()
     def predict_features(self, z: Tensor) -> Tensor:
         self._require_fit()
-        z = check_features(self, z, self.w.shape[1])
+        z = check_features(self, z, self.w.shape[1], finite=False)  # checked through the norms below
         dtype, device = z.dtype, z.device
         logits = self.logits(z)
         top, pred = logits.max(dim=1)
         n_classes = logits.shape[1]
         inv = self.inv_gaps.to(device=device, dtype=dtype)[pred]
         dist = ((top[:, None] - logits) * inv).sum(dim=1) / max(n_classes - 1, 1)
-        norm = (z - self.center.to(device=device, dtype=dtype)).norm(dim=1).clamp(min=1e-8)
+        norm = centred_norms(z, self.center)
+        require_finite(self, z, norm)
+        norm = norm.clamp(min=1e-8)
         return -dist / norm

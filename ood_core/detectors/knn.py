@@ -10,15 +10,16 @@ from ..api import FeaturesDetector, InvalidInputError
 from .mahalanobis import check_features, id_training_set
 from .numerics import mean64
 
-#: upper bound on the elements of one (test chunk x train) distance block
-CHUNK_ELEMENTS = 1 << 24
+#: upper bound on the elements of one (test chunk x train) distance block (16 MiB of float32: blocks
+#: up to 32 MiB are reused by the allocator, larger ones are mapped anew each time)
+CHUNK_ELEMENTS = 1 << 22
 #: bfloat16 screening (CPUs with AMX): for k <= SCREEN_MAX_K and banks of >= SCREEN_MIN_BANK rows
 SCREEN_MAX_K = 16
 SCREEN_MIN_BANK = 4096
 #: candidates per query kept by the screen and re-ranked in float32: max(SCREEN_CANDIDATES, 4k + 24)
 SCREEN_CANDIDATES = 32
 #: upper bound on the elements of one (test chunk x train) bfloat16 screening block
-SCREEN_CHUNK_ELEMENTS = 1 << 25
+SCREEN_CHUNK_ELEMENTS = 1 << 23
 _U16, _U32 = 2.0**-8, 2.0**-24  # unit roundoffs of bfloat16 and float32
 
 
@@ -59,14 +60,14 @@ def screened_kth(q: Tensor, bank: Tensor, bank_sq: Tensor, aug_bank: Tensor, max
     qn2 = (q * q).sum(dim=1)
     aug_q = torch.cat([q.to(torch.bfloat16), torch.ones(r, 2, dtype=torch.bfloat16, device=q.device),
                        _bf16_hi_lo(-0.5 * qn2)], dim=1)
-    vals, idx = (aug_q @ aug_bank.T).topk(m, dim=1)  # largest v = nearest
+    vals, idx = (aug_q @ aug_bank.T).topk(m, dim=1, sorted=False)  # largest v = nearest
     cand = bank.index_select(0, idx.reshape(-1)).reshape(r, m, d)
     ex = torch.baddbmm(bank_sq[idx][:, None, :], q[:, None, :], cand.transpose(1, 2), alpha=-2.0)[:, 0]
     kth_val, kth_pos = (ex.min(dim=1) if k == 1 else ex.kthvalue(k, dim=1))
     # certificate (float64): bank rows outside the candidates have v <= a (the m-th largest v)
     qn = qn2.double().sqrt() * (1 + 1e-6)
     t = max_norm * (1 + 1e-6)
-    a = vals[:, -1].double()
+    a = vals.amin(dim=1).double()
     a = torch.where(a <= 0, a / (1 + _U16), a / (1 - _U16))
     err = ((2 * _U16 + _U16**2) * qn * t + _U16**2 * (t * t + qn * qn)
            + 1.02 * (d + 4) * _U32 * (qn * t + t * t + qn * qn) * (1 + _U16) ** 2)
@@ -135,7 +136,7 @@ class KNN(FeaturesDetector):
                 f"KNN: k={self.k} exceeds the number of ID training samples ({z.shape[0]})"
             )
         z = self._prepare(z.detach())
-        offset = mean64(z).to(z.dtype)
+        offset = mean64(z, exact=False).to(z.dtype)  # a translation: any centre near the mean works
         bank = (z - offset).contiguous()
         self.offset = offset
         self.bank = bank
@@ -167,8 +168,11 @@ class KNN(FeaturesDetector):
         out = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
         for start in range(0, q.shape[0], rows):
             d2 = torch.addmm(bank_sq, q[start : start + rows], bank.T, alpha=-2.0)
-            out[start : start + rows] = (d2.argmin(dim=1) if k == 1 else
-                                         d2.topk(k, dim=1, largest=False, sorted=True).indices[:, -1])
+            if k == 1:
+                out[start : start + rows] = d2.argmin(dim=1)
+            else:  # the k-th smallest is the largest of the k smallest
+                vals, idx = d2.topk(k, dim=1, largest=False, sorted=False)
+                out[start : start + rows] = idx.gather(1, vals.argmax(dim=1, keepdim=True))[:, 0]
         return out
 
     def _screened(self, q: Tensor, bank: Tensor, bank_sq: Tensor, k: int) -> Tensor:

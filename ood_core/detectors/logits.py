@@ -10,7 +10,22 @@ from typing import Any, Callable, ClassVar, Dict, Optional
 import torch
 from torch import Tensor
 
-from ..api import LogitsDetector, check_input
+from ..api import InvalidInputError, LogitsDetector, check_input
+
+
+def _shifted_exp(logits: Tensor, t: float = 1.0):
+    """``(exp((f - m) / t), m)`` with the row maxima ``m`` ``(N, 1)``: the stable core of softmax / logsumexp.
+
+    ``amax`` (no indices) and an in-place ``exp``: fewer passes than ``softmax(...).max(...)`` or
+    ``logsumexp``, which matters for the cheap logit detectors.
+    """
+    if logits.shape[1] == 0:
+        raise InvalidInputError("logits have no classes")
+    m = logits.amax(dim=1, keepdim=True)
+    e = logits - m
+    if t != 1.0:
+        e.div_(t)
+    return e.exp_(), m
 
 
 def _positive(detector: str, name: str, value) -> float:
@@ -44,9 +59,12 @@ class MaxSoftmax(LogitsDetector):
 
     @staticmethod
     def score(logits: Tensor, t: float = 1.0) -> Tensor:
-        """Negative maximum softmax probability of ``logits / t`` (``(N, C)`` -> ``(N,)``)."""
-        scaled = logits / t
-        return -torch.exp(scaled.max(dim=1).values - torch.logsumexp(scaled, dim=1))
+        """Negative maximum softmax probability of ``logits / t`` (``(N, C)`` -> ``(N,)``).
+
+        ``-1 / sum_y exp((f_y - max f) / t)`` (the largest term is exactly 1, so no overflow and no
+        cancellation).
+        """
+        return -1.0 / _shifted_exp(logits, t)[0].sum(dim=1)
 
     @torch.no_grad()
     def predict_logits(self, logits: Tensor) -> Tensor:
@@ -74,7 +92,7 @@ class MaxLogit(LogitsDetector):
     @staticmethod
     def score(logits: Tensor) -> Tensor:
         """Negative maximum logit (``(N, C)`` -> ``(N,)``)."""
-        return -logits.max(dim=1).values
+        return -logits.amax(dim=1)
 
     @torch.no_grad()
     def predict_logits(self, logits: Tensor) -> Tensor:
@@ -103,8 +121,23 @@ class EnergyBased(LogitsDetector):
 
     @staticmethod
     def score(logits: Tensor, t: float = 1.0) -> Tensor:
-        """Energy ``-t * logsumexp(logits / t)`` (``(N, C)`` -> ``(N,)``)."""
-        return -t * torch.logsumexp(logits / t, dim=1)
+        """Energy ``-t * logsumexp(logits / t)`` (``(N, C)`` -> ``(N,)``).
+
+        ``-t log sum exp(f / t)`` directly (no shift: one pass fewer); rows where the sum overflows or is
+        too small for full precision are recomputed shifted by their maximum (each row's path depends
+        only on that row).
+        """
+        x = logits if t == 1.0 else logits / t
+        total = torch.exp(x).sum(dim=1)
+        out = total.log().mul_(-t)
+        if total.numel():
+            lo, hi = torch.aminmax(total)
+            finfo = torch.finfo(total.dtype)
+            if not (bool(lo > finfo.tiny ** 0.5) and bool(hi < finfo.max)):  # NaN fails too
+                rows = ~((total > finfo.tiny ** 0.5) & (total < finfo.max))
+                e, m = _shifted_exp(logits[rows], t)
+                out[rows] = -(m[:, 0] + t * e.sum(dim=1).log())
+        return out
 
     @torch.no_grad()
     def predict_logits(self, logits: Tensor) -> Tensor:

@@ -10,21 +10,21 @@ import torch
 from torch import Tensor
 
 from ..api import FeaturesDetector, InvalidInputError, check_input
-from .numerics import lower_matmul_t, mean64, scatter64
+from .numerics import add_scatter_, float64_blocks, lower_matmul_t, mean64, mirror_lower, row_slices
 
 #: relative ridge added to the shared covariance: ``RIDGE * trace(Sigma) / D`` (``RIDGE`` when the trace is 0)
 RIDGE = 1e-6
 
 
 # -- helpers shared by the feature detectors --------------------------------------------------
-def id_training_set(detector, z, y, name: str = "features") -> Tuple[Tensor, Tensor]:
+def id_training_set(detector, z, y, name: str = "features", finite: bool = True) -> Tuple[Tensor, Tensor]:
     """Validate training features ``(N, D)`` and labels ``(N,)``; drop OOD rows (label < 0).
 
     Returns ``(z, y)`` with ``y`` as int64 on the device of ``z``. Raises
     :class:`InvalidInputError` naming the detector on bad shapes / values or when no ID row is left.
     """
     label = type(detector).__name__
-    z = check_input(detector, z, ndim=2, name=name)
+    z = check_input(detector, z, ndim=2, name=name, finite=finite)
     y = torch.as_tensor(y, device=z.device)
     if y.ndim != 1 or y.shape[0] != z.shape[0]:
         raise InvalidInputError(
@@ -44,15 +44,40 @@ def id_training_set(detector, z, y, name: str = "features") -> Tuple[Tensor, Ten
     return z, y
 
 
-def check_features(detector, z, dim: int, name: str = "features") -> Tensor:
-    """Validate features ``(N, dim)`` for prediction (``dim`` is the dimension seen in ``fit``)."""
-    z = check_input(detector, z, ndim=2, name=name)
+def check_features(detector, z, dim: int, name: str = "features", finite: bool = True) -> Tensor:
+    """Validate features ``(N, dim)`` for prediction (``dim`` is the dimension seen in ``fit``); ``finite``
+    as in :func:`~ood_core.api.check_input` (then call :func:`require_finite` on a reduction)."""
+    z = check_input(detector, z, ndim=2, name=name, finite=finite)
     if z.shape[1] != dim:
         raise InvalidInputError(
             f"{type(detector).__name__}: {name} have dimension {z.shape[1]}, but the detector "
             f"was fitted / built for dimension {dim}"
         )
     return z
+
+
+def whiten(x: Tensor, whitener: Tensor) -> Tensor:
+    """``x @ L^{-T}`` for centred ``x`` and lower-triangular ``L^{-1}`` (panels skip its zero blocks outside
+    autograd)."""
+    return x @ whitener.T if torch.is_grad_enabled() and x.requires_grad else lower_matmul_t(x, whitener)
+
+
+def closest_sq_distance(w: Tensor, means: Tensor) -> Tensor:
+    """``min_c |w - m_c|^2`` for whitened ``w`` ``(N, D)`` and means ``(C, D)``: the expansion picks the class,
+    the distance is recomputed directly (no cancellation)."""
+    d2 = torch.addmm((means * means).sum(dim=1), w, means.T, alpha=-2.0)  # |w - m_c|^2 - |w|^2: same argmin
+    diff = w - means[d2.argmin(dim=1)]
+    return (diff * diff).sum(dim=1)
+
+
+def require_finite(detector, z: Tensor, reduced: Tensor, name: str = "features") -> bool:
+    """For inputs checked with ``finite=False``: True when ``reduced`` (a reduction of ``z`` that is
+    non-finite whenever an entry of ``z`` is) is all finite; otherwise validates ``z`` (raising
+    :class:`InvalidInputError` on NaN / inf) and returns False (finite ``z`` that overflowed)."""
+    if reduced.numel() == 0 or bool(torch.isfinite(reduced).all()):
+        return True
+    check_input(detector, z, name=name)
+    return False
 
 
 class Mahalanobis(FeaturesDetector):
@@ -69,7 +94,7 @@ class Mahalanobis(FeaturesDetector):
     rank-deficient or constant features and :math:`D > N` stay invertible; the trace is floored at
     :math:`10^{-10}` of the total scatter's, and :math:`\lambda = 10^{-6}` if both are 0).
     :math:`\Sigma_0` is computed as total scatter minus between-class scatter of the centred
-    features (one Gram matmul in float64).
+    features (float64 row blocks, symmetric panel products).
 
     Score:
 
@@ -126,16 +151,19 @@ class Mahalanobis(FeaturesDetector):
         (float64, for subclasses: :class:`~.feature_stats.RMD` reuses it for its background Gaussian)."""
         n, d = z.shape
         center = mean64(z.detach())
-        x = torch.sub(z.detach(), center)  # float64, centred: limits the cancellation below
         classes, inverse = torch.unique(y, return_inverse=True)
         n_classes = classes.shape[0]
-        counts = torch.bincount(inverse, minlength=n_classes).to(x.dtype)
-        # class means relative to the centre, m_c = mu_c - center
-        m = torch.zeros(n_classes, d, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
-        m /= counts[:, None]
-        # within-class scatter = total scatter - between-class scatter (one symmetric Gram, no gather)
-        total = scatter64(x)
-        del x
+        counts = torch.bincount(inverse, minlength=n_classes).to(torch.float64)
+        # one pass over float64 blocks of the centred features (centring limits the cancellation below):
+        # class sums relative to the centre, and the total scatter (symmetric panels)
+        m = torch.zeros(n_classes, d, dtype=torch.float64, device=z.device)
+        total = torch.zeros(d, d, dtype=torch.float64, device=z.device)
+        for start, x in float64_blocks(z.detach(), center):
+            m.index_add_(0, inverse[start : start + x.shape[0]], x)
+            add_scatter_(total, x)
+        total = mirror_lower(total)
+        m /= counts[:, None]  # m_c = mu_c - center
+        # within-class scatter = total scatter - between-class scatter
         cov = (total - (m * counts[:, None]).T @ m) / n
         cov = 0.5 * (cov + cov.T)
         mu = m + center
@@ -163,28 +191,26 @@ class Mahalanobis(FeaturesDetector):
     def _min_distance(self, z: Tensor) -> Tensor:
         """``min_c`` squared Mahalanobis distance, ``(N,)`` (differentiable in ``z``).
 
-        The expansion ``|w|^2 - 2 w.m_c + |m_c|^2`` (one matmul) picks the closest class; the
+        The expansion ``-2 w.m_c + |m_c|^2`` (one matmul) picks the closest class; the
         distance to it is then recomputed directly as ``|w - m_c|^2``, which avoids the
         cancellation of the expansion when the classes are far apart relative to their spread.
         """
-        return self._closest(self._whiten(z - self.center.to(device=z.device, dtype=z.dtype)))
+        center, whitener, means = self._params(z)
+        return closest_sq_distance(whiten(z - center, whitener), means)
 
-    def _whiten(self, x: Tensor, whitener: Optional[Tensor] = None) -> Tensor:
-        """``x @ L^{-T}`` for centred ``x`` (the lower-triangular product outside autograd)."""
-        a = (self.whitener if whitener is None else whitener).to(device=x.device, dtype=x.dtype)
-        return x @ a.T if torch.is_grad_enabled() and x.requires_grad else lower_matmul_t(x, a)
-
-    def _closest(self, w: Tensor) -> Tensor:
-        m = self.whitened_mu.to(device=w.device, dtype=w.dtype)
-        d2 = (w * w).sum(dim=1, keepdim=True) - 2.0 * (w @ m.T) + (m * m).sum(dim=1)
-        diff = w - m[d2.argmin(dim=1)]
-        return (diff * diff).sum(dim=1)
+    def _params(self, z: Tensor):
+        """``(center, L^{-1}, whitened means)`` in the dtype and on the device of ``z``."""
+        return tuple(t.to(device=z.device, dtype=z.dtype) for t in (self.center, self.whitener, self.whitened_mu))
 
     @torch.no_grad()
     def predict_features(self, z: Tensor) -> Tensor:
         self._require_fit()
         z = check_features(self, z, self.mu.shape[1])
-        return self._min_distance(z)
+        center, whitener, means = self._params(z)
+        out = z.new_empty(z.shape[0])
+        for rows in row_slices(z):  # cache-sized temporaries
+            out[rows] = closest_sq_distance(whiten(z[rows] - center, whitener), means)
+        return out
 
     def predict(self, x: Tensor) -> Tensor:
         model = self._require_model()

@@ -10,11 +10,11 @@ from ..api import FeaturesDetector, InvalidInputError
 from .feature_stats import Head, HeadMixin
 from .logits import LOGIT_SCORES
 from .mahalanobis import check_features
-from .numerics import mean64
+from .numerics import float64_blocks, mean64
 from .react import percentile
 
-#: upper bound on the elements of one (test chunk x bank) similarity block
-CHUNK_ELEMENTS = 1 << 24
+#: upper bound on the elements of one (test chunk x bank) similarity block (16 MiB of float32)
+CHUNK_ELEMENTS = 1 << 22
 
 
 class NNGuide(HeadMixin, FeaturesDetector):
@@ -77,7 +77,7 @@ class NNGuide(HeadMixin, FeaturesDetector):
         guidance = torch.empty(z.shape[0], dtype=dtype, device=device)
         for start in range(0, z.shape[0], rows):
             sims = q[start : start + rows] @ bank.T
-            guidance[start : start + rows] = sims.topk(self.k, dim=1).values.mean(dim=1)
+            guidance[start : start + rows] = sims.topk(self.k, dim=1, sorted=False).values.mean(dim=1)
         return -guidance * torch.logsumexp(self.logits(z), dim=1)
 
 
@@ -114,18 +114,18 @@ class SHE(HeadMixin, FeaturesDetector):
         if int(y.max()) >= n_classes:
             raise InvalidInputError(f"SHE: labels must be < the number of classes of the head ({n_classes}), "
                                     f"got label {int(y.max())}")
-        x = z.detach().double()
-        correct = (self.logits(z.detach()).argmax(dim=1) == y).double()
-
-        def class_means(weight: Tensor):
-            sums = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device)
-            sums.index_add_(0, y, x * weight[:, None])
-            counts = torch.zeros(n_classes, dtype=x.dtype, device=x.device).index_add_(0, y, weight)
-            return sums / counts.clamp(min=1)[:, None], counts
-
-        patterns, counts = class_means(correct)
-        fallback, _ = class_means(torch.ones_like(correct))
-        self.patterns = torch.where((counts > 0)[:, None], patterns, fallback)
+        z = z.detach()
+        correct = (self.logits(z).argmax(dim=1) == y).long()
+        # float64 sums per (class, correct) group, from cache-sized float64 blocks (one pass, no gather)
+        group = 2 * y + correct
+        sums = torch.zeros(2 * n_classes, z.shape[1], dtype=torch.float64, device=z.device)
+        for start, x in float64_blocks(z):
+            sums.index_add_(0, group[start : start + x.shape[0]], x)
+        counts = torch.bincount(group, minlength=2 * n_classes).to(torch.float64)
+        n_correct, n_all = counts[1::2], counts[0::2] + counts[1::2]
+        patterns = sums[1::2] / n_correct.clamp(min=1)[:, None]
+        fallback = (sums[0::2] + sums[1::2]) / n_all.clamp(min=1)[:, None]
+        self.patterns = torch.where((n_correct > 0)[:, None], patterns, fallback)
         self._mark_fitted()
         return self
 
@@ -133,8 +133,12 @@ class SHE(HeadMixin, FeaturesDetector):
     def predict_features(self, z: Tensor) -> Tensor:
         self._require_fit()
         z = check_features(self, z, self.w.shape[1])
-        patterns = self.patterns.to(device=z.device, dtype=z.dtype)
-        return -(z * patterns[self.logits(z).argmax(dim=1)]).sum(dim=1)
+        dtype, device = z.dtype, z.device
+        # one matmul gives the logits and z.S_c for every class; keep the predicted class's
+        n_classes = self.w.shape[0]
+        both = z @ torch.cat([self.w.to(device=device, dtype=dtype), self.patterns.to(device=device, dtype=dtype)]).T
+        pred = (both[:, :n_classes] + self.b.to(device=device, dtype=dtype)).argmax(dim=1)
+        return -both[:, n_classes:].gather(1, pred[:, None])[:, 0]
 
 
 class DICE(HeadMixin, FeaturesDetector):
@@ -182,7 +186,7 @@ class DICE(HeadMixin, FeaturesDetector):
     def fit_features(self, z: Tensor, y: Tensor) -> "DICE":
         z, _ = self._head_features(z, y)
         w = self.w.to(z.device)
-        contrib = mean64(z.detach())[None, :] * w.double()
+        contrib = mean64(z.detach(), exact=False)[None, :] * w.double()
         self.threshold = percentile(contrib, self.p)
         self.masked_w = torch.where(contrib > self.threshold, w, torch.zeros_like(w))
         self._mark_fitted()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import InvalidInputError, LogitsDetector, check_input
-from .logits import MaxSoftmax, _positive
+from .logits import MaxSoftmax, _positive, _shifted_exp
 from .mahalanobis import id_training_set
 
 
@@ -224,14 +224,16 @@ class GEN(LogitsDetector):
 
     @staticmethod
     def score(logits: Tensor, gamma: float = 0.1, M: Optional[int] = None) -> Tensor:
-        p = torch.softmax(logits, dim=1)
+        e, _ = _shifted_exp(logits)  # softmax by hand: torch.softmax is slow for few classes
+        p = e.div_(e.sum(dim=1, keepdim=True))
+        big = p > 0.5  # at most one class per row; its 1 - p is the sum of the others (no cancellation)
+        others = p.masked_fill(big, 0.0).sum(dim=1, keepdim=True)
         m = p.shape[1] if M is None else min(M, p.shape[1])
-        top, idx = p.topk(m, dim=1)
-        one_minus = 1.0 - top
-        if m > 0:
-            others = p.scatter(1, idx[:, :1], 0.0).sum(dim=1)  # 1 - p_(1) without cancellation
-            one_minus[:, 0] = others
-        return (top.pow(gamma) * one_minus.pow(gamma)).sum(dim=1)
+        if m < p.shape[1]:
+            p = p.topk(m, dim=1, sorted=False).values  # a class above 1/2 is among them
+            big = p > 0.5
+        one_minus = torch.where(big, others, 1.0 - p)
+        return one_minus.mul_(p).pow_(gamma).sum(dim=1)
 
     @torch.no_grad()
     def predict_logits(self, logits: Tensor) -> Tensor:
@@ -244,7 +246,9 @@ class WeightedEBO(LogitsDetector):
     .. math:: s(x) = -\log \sum_{c=1}^C \max(w_c, 0)\, e^{f_c(x)}
                    = -\operatorname{logsumexp}_c \big(f_c(x) + \log \max(w_c, 0)\big)
 
-    (the second form is computed; classes with :math:`w_c \le 0` drop out). With ``weights``
+    (classes with :math:`w_c \le 0` drop out): the first form, one ``exp`` and a matrix-vector
+    product; rows where it overflows or is too small for full precision take the second (shifted by
+    the row maximum). Each row's path depends only on that row. With ``weights``
     given (e.g. VOS's learned ``weight_energy`` layer) nothing is fitted; with ``weights=None``
     the weights are fitted as the ID class frequencies :math:`w_c = N_c / N`, i.e. the energy
     of a class-prior weighted mixture (our choice: VOS learns them jointly with the network).
@@ -287,5 +291,16 @@ class WeightedEBO(LogitsDetector):
     def predict_logits(self, logits: Tensor) -> Tensor:
         self._require_fit()
         logits = _check_logits(self, logits, self.weights.shape[0])
-        log_w = self.weights.to(logits.device).log().to(logits.dtype)
-        return -torch.logsumexp(logits + log_w, dim=1)
+        w = self.weights.to(device=logits.device, dtype=logits.dtype)
+        total = torch.exp(logits) @ w
+        if total.numel():
+            # rows whose sum overflows, is NaN (0 * inf) or too small for full precision: shift by the row max
+            finfo = torch.finfo(total.dtype)
+            lo, hi = torch.aminmax(total)
+            if not (bool(lo > finfo.tiny ** 0.5) and bool(hi < finfo.max)):
+                out = -total.log()
+                rows = (~((total > finfo.tiny ** 0.5) & (total < finfo.max))).nonzero().flatten()
+                log_w = self.weights.to(logits.device).log().to(logits.dtype)
+                out[rows] = -torch.logsumexp(logits[rows] + log_w, dim=1)
+                return out
+        return total.log_().neg_()

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
 from .logits import LOGIT_SCORES
 from .mahalanobis import check_features, id_training_set
-from .numerics import percentiles
+from .numerics import percentiles, row_slices
 
 
 def percentile(x: Tensor, q: float) -> float:
@@ -123,4 +123,8 @@ class ReAct(FeaturesDetector):
         z = check_features(self, z, self.w.shape[1])
         if self.threshold is None:  # pragma: no cover - guarded by requires_fit
             raise InvalidInputError("ReAct: no threshold")
-        return LOGIT_SCORES[self.detector](self.logits(z))
+        score = LOGIT_SCORES[self.detector]
+        out = z.new_empty(z.shape[0])
+        for rows in row_slices(z):  # the clipped features are cache-sized temporaries
+            out[rows] = score(self.logits(z[rows]))
+        return out

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..api import DetectorError, FeatureMapsDetector, FeaturesDetector, InvalidInputError, check_input
 from .logits import LOGIT_SCORES
 from .mahalanobis import id_training_set
-from .numerics import percentiles, percentiles_dim0
+from .numerics import percentiles, percentiles_dim0, row_slices
 
 Head = Union[nn.Linear, Tuple[Tensor, Optional[Tensor]], None]
 OPENOOD_PERCENTILES = [65, 70, 75, 80, 85, 90, 95]
@@ -118,7 +118,11 @@ class _HeadShaper(FeaturesDetector, FeatureMapsDetector):
         return z @ self.w.to(device=z.device, dtype=z.dtype).T + self.b.to(device=z.device, dtype=z.dtype)
 
     def _score(self, x: Tensor) -> Tensor:
-        return LOGIT_SCORES[self.detector](self.logits(self.shape(x)))
+        score = LOGIT_SCORES[self.detector]
+        out = x.new_empty(x.shape[0])
+        for rows in row_slices(x):  # the shaped activations are cache-sized temporaries
+            out[rows] = score(self.logits(self.shape(x[rows])))
+        return out
 
     @torch.no_grad()
     def predict_features(self, z: Tensor) -> Tensor:
@@ -195,7 +199,7 @@ class ASH(_HeadShaper):
     def shape(self, x: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
         k = kept_count(flat.shape[1], self.percentile)
-        values, index = flat.topk(k, dim=1)
+        values, index = flat.topk(k, dim=1, sorted=False)  # order is irrelevant: half the time
         total = flat.sum(dim=1)
         if self.variant == "ash-b":
             values = (total / k)[:, None].expand_as(values)
@@ -234,7 +238,7 @@ class SCALE(_HeadShaper):
         """Per-sample factor :math:`\\exp(s_1 / s_2)`, ``(N,)``."""
         flat = x.reshape(x.shape[0], -1)
         k = kept_count(flat.shape[1], self.percentile)
-        return torch.exp(_sum_ratio(flat.sum(dim=1), flat.topk(k, dim=1).values.sum(dim=1)))
+        return torch.exp(_sum_ratio(flat.sum(dim=1), flat.topk(k, dim=1, sorted=False).values.sum(dim=1)))
 
     def shape(self, x: Tensor) -> Tensor:
         return x * self.scale_factor(x).reshape(-1, *([1] * (x.ndim - 1)))

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
 from .mahalanobis import check_features, id_training_set
-from .numerics import mean64, scatter64
+from .numerics import row_slices, scatter64
 
 
 def _auto_dim(d_features: int) -> int:
@@ -111,19 +111,22 @@ class ViM(FeaturesDetector):
         w64 = self.w.to(z.device).double()
         b64 = self.b.to(z.device).double()
         u = -(torch.linalg.pinv(w64) @ b64)
-        # second moment about u = scatter about the mean + the mean's rank-one part (float64: the split at d
-        # can have a small eigengap, where float32 sums would rotate the subspace visibly)
-        mean = mean64(z)
-        shift = mean - u
-        cov = (scatter64(z, mean) + n * torch.outer(shift, shift)) / n
+        # second moment about u in float64: the split at d can have a small eigengap, where float32
+        # sums would rotate the subspace visibly
+        cov = scatter64(z, u) / n
         _, evecs = torch.linalg.eigh(cov)  # float64, ascending eigenvalues
         basis = evecs[:, : dim - d].contiguous()  # complement of the top-d eigenvectors
-        x = z - u.to(work)
-        resid = (x @ basis.to(work)).norm(dim=1)
-        max_logit = self._logits(z).max(dim=1).values
-        norm_scale = float(x.norm(dim=1).double().mean())
-        denom = max(float(resid.double().mean()), 1e-8 * norm_scale + 1e-12)
-        self.alpha = float(max_logit.double().mean()) / denom
+        # alpha from sums over cache-sized row chunks (float64 sums of the per-sample values)
+        u_w, basis_w = u.to(work), basis.to(work)
+        sums = torch.zeros(3, dtype=torch.float64, device=z.device)  # residual norms, norms, max logits
+        for rows in row_slices(z):
+            x = z[rows] - u_w
+            sums[0] += (x @ basis_w).norm(dim=1).sum(dtype=torch.float64)
+            sums[1] += x.norm(dim=1).sum(dtype=torch.float64)
+            sums[2] += self._logits(z[rows]).amax(dim=1).sum(dtype=torch.float64)
+        resid_mean, norm_scale, max_logit_mean = (float(v) / n for v in sums)
+        denom = max(resid_mean, 1e-8 * norm_scale + 1e-12)
+        self.alpha = max_logit_mean / denom
         self.u = u
         self.residual_basis = basis
         self.dim = d
@@ -140,4 +143,7 @@ class ViM(FeaturesDetector):
     def predict_features(self, z: Tensor) -> Tensor:
         self._require_fit()
         z = check_features(self, z, self.u.shape[0])
-        return self.virtual_logit(z) - torch.logsumexp(self._logits(z), dim=1)
+        out = z.new_empty(z.shape[0])
+        for rows in row_slices(z):  # cache-sized temporaries
+            out[rows] = self.virtual_logit(z[rows]) - torch.logsumexp(self._logits(z[rows]), dim=1)
+        return out
