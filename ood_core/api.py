@@ -40,11 +40,14 @@ class InvalidInputError(DetectorError, ValueError):
     """Inputs with the wrong shape, dtype, or containing NaN / inf."""
 
 
-def check_input(detector: "Detector", x: Tensor, ndim: Optional[int] = None, name: str = "input") -> Tensor:
+def check_input(detector: "Detector", x: Tensor, ndim: Optional[int] = None, name: str = "input",
+                finite: bool = True) -> Tensor:
     """Validate ``x`` for ``detector``: a floating tensor of ``ndim`` dimensions, all finite.
 
     Returns ``x`` (converted to a tensor if it was array-like). Raises
     :class:`InvalidInputError` with a message naming the detector and the problem.
+    ``finite=False`` leaves out the value check (one pass over ``x``): for callers whose own
+    reductions of ``x`` are non-finite whenever an entry is, and which then call this again.
     """
     label = type(detector).__name__
     if not isinstance(x, Tensor):
@@ -56,7 +59,7 @@ def check_input(detector: "Detector", x: Tensor, ndim: Optional[int] = None, nam
         raise InvalidInputError(f"{label}: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if not torch.is_floating_point(x):
         x = x.float()
-    if x.numel():
+    if finite and x.numel():
         # min and max are finite iff every entry is (NaN propagates through both); one fused
         # reduction, ~15x faster than isfinite(x).all(), which dominated cheap detectors' time
         lo, hi = torch.aminmax(x)

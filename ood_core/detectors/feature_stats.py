@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
 from .mahalanobis import (Mahalanobis, check_features, closest_sq_distance, id_training_set, require_finite,
                           whiten)
-from .numerics import centred_norms, lower_matmul_t, mean64, row_slices, scatter64
+from .numerics import centred_norms, lower_matmul_t, mean64, ridge_whitener, row_slices, scatter64
 
 Head = Union[nn.Linear, Tuple[Tensor, Optional[Tensor]], None]
 
@@ -68,22 +68,6 @@ class HeadMixin:
         return z @ self.w.to(device=z.device, dtype=z.dtype).T + self.b.to(device=z.device, dtype=z.dtype)
 
 
-def _whitener(cov: Tensor, rel_ridge: float, trace_floor: float) -> Tuple[Tensor, float, float]:
-    """``(L^{-1}, ridge, log det)`` of ``cov + ridge I`` with ``ridge = rel_ridge * max(tr, floor) / D`` (float64)."""
-    d = cov.shape[0]
-    cov = 0.5 * (cov + cov.T)
-    trace = max(float(torch.diagonal(cov).sum()), trace_floor)
-    ridge = rel_ridge * (trace / d if trace > 0 else 1.0)
-    cov.diagonal().add_(ridge)
-    chol, info = torch.linalg.cholesky_ex(cov)
-    if int(info) != 0:  # numerically indefinite despite the ridge: clip eigenvalues
-        evals, evecs = torch.linalg.eigh(cov)
-        chol = torch.linalg.cholesky((evecs * evals.clamp(min=ridge)) @ evecs.T)
-    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    whitener = torch.linalg.solve_triangular(chol, eye, upper=False)
-    return whitener, ridge, float(2.0 * torch.diagonal(chol).log().sum())
-
-
 class RMD(Mahalanobis):
     r"""Relative Mahalanobis distance: class-conditional minus background Gaussian.
 
@@ -116,7 +100,7 @@ class RMD(Mahalanobis):
         z, y = id_training_set(self, z, y)
         total = self._fit_gaussians(z, y)  # the background's scatter is the total scatter about the mean
         cov = total / z.shape[0]
-        self.background_whitener, _, _ = _whitener(cov, 1e-6, 1e-10 * float(torch.diagonal(cov).sum()))
+        self.background_whitener, _, _ = ridge_whitener(cov, 1e-6, 1e-10 * float(torch.diagonal(cov).sum()))
         self.background_center = self.center
         return self
 
@@ -191,7 +175,7 @@ class GMM(FeaturesDetector):
                           + (weight * ((mu - center) ** 2).sum(dim=1)).sum()) / n
         whiteners, log_norm = [], []
         for k, cov in enumerate(covs):
-            whitener, _, log_det = _whitener(cov, self.reg, 1e-10 * total_var)
+            whitener, _, log_det = ridge_whitener(cov, self.reg, 1e-10 * total_var)
             whiteners.append(whitener)
             log_norm.append(math.log(float(weight[k]) / n) - 0.5 * (log_det + d * math.log(2 * math.pi)))
         del covs

@@ -65,8 +65,8 @@ def screened_kth(q: Tensor, bank: Tensor, bank_sq: Tensor, aug_bank: Tensor, max
     ex = torch.baddbmm(bank_sq[idx][:, None, :], q[:, None, :], cand.transpose(1, 2), alpha=-2.0)[:, 0]
     kth_val, kth_pos = (ex.min(dim=1) if k == 1 else ex.kthvalue(k, dim=1))
     # certificate (float64): bank rows outside the candidates have v <= a (the m-th largest v)
-    qn = qn2.double().sqrt() * (1 + 1e-6)
-    t = max_norm * (1 + 1e-6)
+    qn = qn2.double().sqrt() * (1 + d * _U32)  # upper bounds on |q| and |t| (float32 sums of squares)
+    t = max_norm * (1 + d * _U32)
     a = vals.amin(dim=1).double()
     a = torch.where(a <= 0, a / (1 + _U16), a / (1 - _U16))
     err = ((2 * _U16 + _U16**2) * qn * t + _U16**2 * (t * t + qn * qn)

@@ -25,7 +25,9 @@ def _shifted_exp(logits: Tensor, t: float = 1.0):
     e = logits - m
     if t != 1.0:
         e.div_(t)
-    return e.exp_(), m
+    # exp is up to 30x slower on arguments that underflow; terms below exp(-80) (float32) are far
+    # below the resolution of sums that contain the row maximum's exp(0) = 1
+    return e.clamp_(min=-700.0 if e.dtype == torch.float64 else -80.0).exp_(), m
 
 
 def _positive(detector: str, name: str, value) -> float:

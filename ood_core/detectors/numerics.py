@@ -9,6 +9,7 @@
   the lower-triangular panel blocks (the matrix is symmetric): about 0.6x the flops of ``x.T @ x``.
 * :func:`row_slices`: row chunks for predictions whose temporaries would otherwise be large;
   :func:`centred_norms` uses them.
+* :func:`ridge_whitener`: ``L^{-1}`` of a covariance plus a relative ridge (Cholesky, eigenvalue clip fallback).
 * :func:`lower_matmul_t`: ``x @ L.T`` for a lower-triangular ``L`` (whitening), skipping the zero blocks.
 * :func:`percentiles` / :func:`percentiles_dim0`: ``numpy.percentile`` (linear interpolation) of all
   entries or per column, by partial selection (``numpy.partition`` on CPU, ``kthvalue`` elsewhere), several
@@ -16,7 +17,7 @@
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ def centred_norms(z: Tensor, center: Tensor) -> Tensor:
 
 def float64_blocks(x: Tensor, center: Optional[Tensor] = None, rows: int = SCATTER_ROWS):
     """Yield ``(start, block)``: row blocks of ``x - center`` in float64, in one reused cache-sized buffer
-    (a block is only valid until the next one; no float64 copy of the whole of ``x``)."""
+    (a block is only valid until the next one; no float64 copy of the whole of ``x``). Read-only: for
+    float64 ``x`` without ``center`` the blocks are views of ``x``."""
     c = None if center is None else center.to(device=x.device, dtype=torch.float64)
     if x.dtype == torch.float64 and c is None:
         for s in range(0, x.shape[0], rows):
@@ -122,6 +124,22 @@ def lower_matmul_t(x: Tensor, low: Tensor) -> Tensor:
         b = min(a + PANEL, d)
         out[:, a:b].addmm_(x[:, :b], low[a:b, :b].T, beta=0)  # written in place (beta=0 ignores out)
     return out
+
+
+def ridge_whitener(cov: Tensor, rel_ridge: float, trace_floor: float) -> Tuple[Tensor, float, float]:
+    """``(L^{-1}, ridge, log det)`` of ``cov + ridge I`` with ``ridge = rel_ridge * max(tr, floor) / D`` (float64)."""
+    d = cov.shape[0]
+    cov = 0.5 * (cov + cov.T)
+    trace = max(float(torch.diagonal(cov).sum()), trace_floor)
+    ridge = rel_ridge * (trace / d if trace > 0 else 1.0)
+    cov.diagonal().add_(ridge)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:  # numerically indefinite despite the ridge: clip eigenvalues
+        evals, evecs = torch.linalg.eigh(cov)
+        chol = torch.linalg.cholesky((evecs * evals.clamp(min=ridge)) @ evecs.T)
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    whitener = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return whitener, ridge, float(2.0 * torch.diagonal(chol).log().sum())
 
 
 def _positions(n: int, qs: Sequence[float]) -> List[tuple]:

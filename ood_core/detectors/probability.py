@@ -17,6 +17,7 @@ from torch import Tensor
 from ..api import InvalidInputError, LogitsDetector, check_input
 from .logits import MaxSoftmax, _positive, _shifted_exp
 from .mahalanobis import id_training_set
+from .numerics import float64_blocks, row_slices
 
 
 def _fit_logits(detector, logits, y) -> Tuple[Tensor, Tensor]:
@@ -40,6 +41,60 @@ def _check_logits(detector, logits, n_classes: Optional[int] = None) -> Tensor:
     return logits
 
 
+def _exp_floor(dtype: torch.dtype) -> float:
+    """Arguments below this give ``exp`` < 1e-34 (float32) / 1e-304 (float64): clamped there, as ``exp`` takes a
+    slow path (up to 30x) for arguments that underflow, and the terms are far below the sums' resolution."""
+    return -700.0 if dtype == torch.float64 else -80.0
+
+
+def _nll_slope(d: Tensor, dy: Tensor, beta: float) -> Tuple[float, float]:
+    """Gradient and curvature in ``beta`` of the mean NLL of ``softmax(beta f)``: ``d = f - max f`` ``(N, C)``,
+    ``dy = f_y - max f``; float64 sums over cache-sized row chunks."""
+    g = h = 0.0
+    floor = _exp_floor(d.dtype)
+    for rows in row_slices(d, block_bytes=1 << 20):
+        a = (d[rows] * beta).clamp_(min=floor)  # a = beta d; clamped terms add < 1e-30 below
+        e = a.exp()
+        s0 = e.sum(dim=1)
+        m1 = e.mul_(a).sum(dim=1) / s0  # beta E_p[d]
+        m2 = e.mul_(a).sum(dim=1) / s0  # beta^2 E_p[d^2]
+        g += float((m1 / beta - dy[rows]).sum(dtype=torch.float64))
+        h += float((m2 - m1 * m1).clamp_(min=0).sum(dtype=torch.float64)) / (beta * beta)
+    return g / max(d.shape[0], 1), h / max(d.shape[0], 1)
+
+
+def _solve_beta(d: Tensor, dy: Tensor, beta: float, lo: float, hi: float, rtol: float, robust: bool) -> float:
+    """Minimiser in ``[lo, hi]`` of the convex NLL in ``beta`` (root of its increasing gradient, or a bound):
+    Newton steps, bisection (log scale) when a step leaves the bracket or does not shrink it fast enough.
+    ``robust`` evaluates both bounds first; otherwise a bound is evaluated when a step runs into it."""
+    b_min, b_max = lo, hi
+    known = {b_min: False, b_max: False}  # bounds whose gradient sign is known
+    if robust and _nll_slope(d, dy, beta)[0] != 0.0:  # (a flat NLL stays at the start)
+        for bound in (b_max, b_min):
+            g, _ = _nll_slope(d, dy, bound)
+            if (g < 0 and bound == b_max) or (g > 0 and bound == b_min):
+                return bound  # the minimum is at (or beyond) this bound
+            known[bound] = True
+    last = math.log(hi / lo)
+    for _ in range(100):
+        g, h = _nll_slope(d, dy, beta)
+        if g == 0.0 or (g < 0 and beta >= b_max) or (g > 0 and beta <= b_min):
+            return beta
+        lo, hi = (beta, hi) if g < 0 else (lo, beta)
+        new = beta - g / h if h > 0 else (hi if g < 0 else lo)
+        if new >= hi and hi == b_max and not known[b_max]:
+            new, known[b_max] = b_max, True  # try the bound itself
+        elif new <= lo and lo == b_min and not known[b_min]:
+            new, known[b_min] = b_min, True
+        elif not lo < new < hi or abs(math.log(new / beta)) > 0.5 * last:
+            new = math.sqrt(lo * hi)
+        last = abs(math.log(new / beta))
+        if abs(new - beta) <= rtol * beta or hi <= lo * (1 + rtol):
+            return min(max(new, b_min), b_max)
+        beta = new
+    return beta
+
+
 class TemperatureScaling(LogitsDetector):
     r"""Maximum softmax probability at the temperature that calibrates the ID logits.
 
@@ -47,15 +102,19 @@ class TemperatureScaling(LogitsDetector):
         T^\ast = \arg\min_T -\frac1N \sum_i \log \operatorname{softmax}(f(x_i)/T)_{y_i}, \qquad
         s(x) = -\max_y \operatorname{softmax}(f(x)/T^\ast)_y
 
-    Fit: the negative log-likelihood of the ID labels is minimised by L-BFGS with a strong-Wolfe
-    line search on :math:`\log T` in float64, with :math:`T` kept in ``[1e-2, 1e3]``.
+    Fit: the mean negative log-likelihood of the ID labels is convex in :math:`\beta = 1/T`, with
+    gradient :math:`\operatorname{mean}_i(E_{p_i}[f] - f_{y_i})` and curvature
+    :math:`\operatorname{mean}_i \operatorname{Var}_{p_i}[f]` (:math:`p_i = \operatorname{softmax}(\beta f(x_i))`):
+    its root is found by Newton steps safeguarded by bisection, with :math:`T` kept in ``[1e-2, 1e3]``
+    (float64 sums; first on a strided subsample, then on all rows from there). The reported NLL is
+    computed in float64.
 
     Fit on held-out ID data where possible: on the training set of a network that separates it,
     the NLL decreases monotonically as :math:`T \to 0`, and :math:`T^\ast` ends where it is flat
     at ~0 (small :math:`T`, many tied scores) or at the lower bound.
 
     Paper: Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (arXiv:1706.04599).
-    pytorch-ood 0.4.0 runs 50 L-BFGS iterations of step 0.01 on :math:`T` itself (approximate
+    pytorch-ood 0.4.0 runs at most 50 L-BFGS iterations of step 0.01 on :math:`T` itself (approximate
     optimum); ours converges to the optimum, so its :math:`T` (and scores) can differ.
 
     :param model: optional callable returning logits (for ``fit``/``predict``)
@@ -70,26 +129,29 @@ class TemperatureScaling(LogitsDetector):
         self.t: Optional[float] = None  #: fitted temperature
         self.nll: Optional[float] = None  #: ID NLL at the fitted temperature
 
+    @torch.no_grad()
     def fit_logits(self, logits: Tensor, y: Tensor) -> "TemperatureScaling":
         logits, y = _fit_logits(self, logits, y)
-        lo, hi = math.log(self.T_MIN), math.log(self.T_MAX)
-        with torch.inference_mode(False), torch.enable_grad():
-            x = logits.detach().to(torch.float64).clone()
-            y = y.clone()
-            theta = torch.zeros((), dtype=torch.float64, device=x.device, requires_grad=True)
-            opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=50, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                    line_search_fn="strong_wolfe")
-
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(x / theta.clamp(lo, hi).exp(), y)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            theta = float(theta.detach().clamp(lo, hi)) if torch.isfinite(theta) else 0.0
-            self.t = math.exp(theta)
-            self.nll = float(F.cross_entropy(x / self.t, y))
+        x = logits.detach()
+        if x.dtype != torch.float64:
+            x = x.float()
+        top = x.amax(dim=1, keepdim=True)
+        d = x - top  # <= 0, the row maximum at 0
+        dy = d.gather(1, y[:, None])[:, 0]
+        b_min, b_max = 1.0 / self.T_MAX, 1.0 / self.T_MIN
+        # Newton on a strided subsample (cheap, robust: both bounds checked), then on all rows from there
+        step = max(1, d.shape[0] // 4096)
+        beta = _solve_beta(d[::step], dy[::step], 1.0, b_min, b_max, 1e-6, robust=True)
+        beta = _solve_beta(d, dy, beta, b_min, b_max, 1e-9, robust=False)
+        self.t = 1.0 / beta
+        # float64 NLL at T: lse(beta (f - max f)) - beta (f_y - max f), from the logits themselves
+        top, x_y = top[:, 0].double(), x.gather(1, y[:, None])[:, 0].double()
+        nll = torch.zeros((), dtype=torch.float64, device=x.device)
+        for start, blk in float64_blocks(x):
+            rows = slice(start, start + blk.shape[0])
+            a = (blk - top[rows, None]).mul_(beta).clamp_(min=_exp_floor(torch.float64))
+            nll += (a.exp_().sum(dim=1).log_() - beta * (x_y[rows] - top[rows])).sum()
+        self.nll = float(nll) / x.shape[0]
         self._mark_fitted()
         return self
 
@@ -130,13 +192,16 @@ class KLMatching(LogitsDetector):
     @torch.no_grad()
     def fit_logits(self, logits: Tensor, y: Tensor) -> "KLMatching":
         logits, _ = id_training_set(self, logits, y, name="logits")
-        p = torch.softmax(logits.detach().double(), dim=1)
-        pred = p.argmax(dim=1)
-        n_classes = p.shape[1]
-        sums = torch.zeros(n_classes, n_classes, dtype=p.dtype, device=p.device).index_add_(0, pred, p)
+        logits = logits.detach()
+        n_classes = logits.shape[1]
+        pred = logits.argmax(dim=1)  # the argmax of the softmax
+        # class sums of the posteriors in float64, from cache-sized float64 row blocks
+        sums = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=logits.device)
+        for start, blk in float64_blocks(logits):
+            sums.index_add_(0, pred[start : start + blk.shape[0]], torch.softmax(blk, dim=1))
         counts = torch.bincount(pred, minlength=n_classes)
         present = counts > 0
-        self.templates = sums[present] / counts[present, None].to(p.dtype)
+        self.templates = sums[present] / counts[present, None].to(sums.dtype)
         self.template_classes = present.nonzero().flatten()
         self._mark_fitted()
         return self
@@ -183,7 +248,11 @@ class Entropy(LogitsDetector):
 
     @torch.no_grad()
     def predict_logits(self, logits: Tensor) -> Tensor:
-        return self.score(_check_logits(self, logits))
+        logits = _check_logits(self, logits)
+        out = logits.new_empty(logits.shape[0])
+        for rows in row_slices(logits, block_bytes=1 << 20):  # cache-sized temporaries
+            out[rows] = self.score(logits[rows])
+        return out
 
 
 class GEN(LogitsDetector):
@@ -224,8 +293,11 @@ class GEN(LogitsDetector):
 
     @staticmethod
     def score(logits: Tensor, gamma: float = 0.1, M: Optional[int] = None) -> Tensor:
-        e, _ = _shifted_exp(logits)  # softmax by hand: torch.softmax is slow for few classes
-        p = e.div_(e.sum(dim=1, keepdim=True))
+        if logits.shape[1] >= 32:
+            p = torch.softmax(logits, dim=1)
+        else:  # softmax by hand: torch.softmax is slow for few classes
+            e, _ = _shifted_exp(logits)
+            p = e.div_(e.sum(dim=1, keepdim=True))
         big = p > 0.5  # at most one class per row; its 1 - p is the sum of the others (no cancellation)
         others = p.masked_fill(big, 0.0).sum(dim=1, keepdim=True)
         m = p.shape[1] if M is None else min(M, p.shape[1])

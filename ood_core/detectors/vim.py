@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
-from .mahalanobis import check_features, id_training_set
+from .mahalanobis import check_features, id_training_set, require_finite
 from .numerics import row_slices, scatter64
 
 
@@ -97,7 +97,7 @@ class ViM(FeaturesDetector):
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "ViM":
         self._require_head()
-        z, _ = id_training_set(self, z, y)
+        z, _ = id_training_set(self, z, y, finite=False)  # checked through the second moment below
         n, dim = z.shape
         if self.w.shape[1] != dim:
             raise InvalidInputError(f"ViM: features have dimension {dim}, head weights expect {self.w.shape[1]}")
@@ -114,6 +114,7 @@ class ViM(FeaturesDetector):
         # second moment about u in float64: the split at d can have a small eigengap, where float32
         # sums would rotate the subspace visibly
         cov = scatter64(z, u) / n
+        require_finite(self, z, torch.diagonal(cov))
         _, evecs = torch.linalg.eigh(cov)  # float64, ascending eigenvalues
         basis = evecs[:, : dim - d].contiguous()  # complement of the top-d eigenvectors
         # alpha from sums over cache-sized row chunks (float64 sums of the per-sample values)
