@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+from orchestrator.interrupts import raise_if_interrupted
 from orchestrator.plan import join_uri
 
 
@@ -241,7 +242,9 @@ def run_search(
                 failure_config=tune.FailureConfig(max_failures=max_failures),
             ),
         )
-    return _group(tuner.fit(), entries, metric)
+    grid = tuner.fit()
+    raise_if_interrupted()  # never take a stopped experiment for a finished one
+    return _group(grid, entries, metric)
 
 
 def _run_optuna(trainable, entries, *, metric, mode, max_concurrent, storage_path, name, seed, callbacks,
@@ -272,7 +275,9 @@ def _run_optuna(trainable, entries, *, metric, mode, max_concurrent, storage_pat
                     failure_config=tune.FailureConfig(max_failures=max_failures),
                 ),
             )
-        by_key.update(_group(tuner.fit(), [e], metric))
+        grid = tuner.fit()
+        raise_if_interrupted()
+        by_key.update(_group(grid, [e], metric))
     return by_key
 
 

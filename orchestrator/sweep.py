@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 from orchestrator import artifacts, report, search_cache
 from orchestrator.config import SweepConfig, val_test_overlap
 from orchestrator.errors import UserError
+from orchestrator.interrupts import latched_sigint, raise_if_interrupted
 from orchestrator.plan import BackbonePlan, SweepPlan, check_inputs, content_key, join_uri, make_plan
 from orchestrator.tracking import PARENT_TAG, Tracker, flatten
 
@@ -98,6 +99,7 @@ class SweepRunner:
             pending[bb.key] = remote.remote(_bb_dict(bb), plan.num_classes, plan.input_format, id_data)
         for key, ref in pending.items():
             results[key] = ray.get(ref)
+            raise_if_interrupted()
         for bb in plan.backbones:
             r = results[bb.key]
             rid, finished = tracker.child(parent, f"train {bb.label}", {"stage": "train", "backbone": bb.label})
@@ -146,6 +148,7 @@ class SweepRunner:
                 while left:
                     done, left = ray.wait(left, num_returns=1)
                     ray.get(done)
+                    raise_if_interrupted()
                     bar.update(len(done))
 
     def context(self, bb: BackbonePlan, det) -> Dict:
@@ -280,6 +283,7 @@ class SweepRunner:
             pending.append((skey, trials, selected, remote.remote(contexts[key], trials[selected]["params"], uri)))
         for skey, trials, selected, ref in pending:
             ray.get(ref)
+            raise_if_interrupted()
             search_cache.save(cfg.storage, skey, trials, selected)
 
     def _ray(self) -> None:
@@ -318,6 +322,10 @@ class SweepRunner:
             raise UserError(f"this Ray cluster has {len(nodes)} nodes, but " + "; and ".join(problems))
 
     def run(self) -> List[Dict]:
+        with latched_sigint():
+            return self._run()
+
+    def _run(self) -> List[Dict]:
         cfg = self.cfg
         started = time.perf_counter()
         self.check_cluster()
@@ -332,8 +340,11 @@ class SweepRunner:
             tracker.log_text(parent, json.dumps(cfg.model_dump(), indent=2), "config/resolved.json")
             tracker.log(parent, params={k: v for k, v in flatten(cfg.model_dump(exclude={"detectors"})).items()})
             self.train(tracker, parent)
+            raise_if_interrupted()
             self.extract()
+            raise_if_interrupted()
             rows = self.search(tracker, parent)
+            raise_if_interrupted()
             artifacts.log_layer_analysis(tracker, parent, self.plan)
             frame = report.results_frame(rows)
             tracker.log_table(parent, frame, "results")

