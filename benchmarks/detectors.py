@@ -263,31 +263,50 @@ def spearman(a: torch.Tensor, b) -> float:
 
 
 def bench(name: str, build, data: Dict, repeat: int, device: str) -> Dict:
+    target = 0.5 if name in HALF_TARGET else 1.0
     warm = subset(data, 0.1)
-    for side in build(warm):  # warm-up: imports, allocator, BLAS / MKL initialisation
+    failed = None
+    for i, side in enumerate(build(warm)):  # warm-up: imports, allocator, BLAS / MKL initialisation
         t = Timer(*side, device=device)
-        t.run_fit()
-        t.run_predict()
+        try:
+            t.run_fit()
+            t.run_predict()
+        except Exception as exc:  # noqa: BLE001 - theirs may not run on this device (e.g. numpy on CUDA)
+            if i == 0:
+                raise
+            failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     o_side, t_side = build(data)
     o, t = Timer(*o_side, device=device), Timer(*t_side, device=device)
+    timers = (o,) if failed else (o, t)
     for r in range(repeat):
-        order = (o, t) if r % 2 == 0 else (t, o)
+        order = timers if r % 2 == 0 else timers[::-1]
         for x in order:
             x.det = None
             x.run_fit()
         for x in order:
             x.run_predict()
-    target = 0.5 if name in HALF_TARGET else 1.0
+    if failed:
+        return dict(name=name, ours_fit=o.best_fit if o.fit else None, theirs_fit=None, ours_pred=o.best_predict,
+                    theirs_pred=None, ours=o.total, theirs=None, ratio=None, target=target, ok=None, rho=None,
+                    failed=failed)
     ratio = o.total / t.total
     return dict(name=name, ours_fit=o.best_fit if o.fit else None, theirs_fit=t.best_fit if t.fit else None,
                 ours_pred=o.best_predict, theirs_pred=t.best_predict, ours=o.total, theirs=t.total, ratio=ratio,
-                target=target, ok=ratio <= target, rho=spearman(o.scores, t.scores))
+                target=target, ok=ratio <= target, rho=spearman(o.scores, t.scores), failed=None)
 
 
 def _fmt(x: Optional[float]) -> str:
     if x is None:
         return "-"
     return f"{x:.3f}" if x >= 0.1 else f"{x:.5f}" if x >= 1e-3 else f"{x:.6f}"
+
+
+def _num(x: Optional[float], digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _verdict(r: Dict) -> str:
+    return f"theirs failed ({r['failed']})" if r["failed"] else "PASS" if r["ok"] else "MISS"
 
 
 def table(rows: List[Dict]) -> str:
@@ -297,8 +316,8 @@ def table(rows: List[Dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join([
             r["name"], _fmt(r["ours_fit"]), _fmt(r["theirs_fit"]), _fmt(r["ours_pred"]), _fmt(r["theirs_pred"]),
-            _fmt(r["ours"]), _fmt(r["theirs"]), f"{r['ratio']:.2f}", f"{r['target']:.1f}",
-            "PASS" if r["ok"] else "MISS", f"{r['rho']:.4f}"]) + " |")
+            _fmt(r["ours"]), _fmt(r["theirs"]), _num(r["ratio"], 2), f"{r['target']:.1f}",
+            _verdict(r), _num(r["rho"], 4)]) + " |")
     return "\n".join(lines)
 
 
@@ -343,12 +362,13 @@ def main(argv=None):
         for name in names:
             rows.append(bench(name, all_cases[name], data, args.repeat, args.device))
             r = rows[-1]
-            print(f"  {name:<18} ours {_fmt(r['ours'])}s theirs {_fmt(r['theirs'])}s ratio {r['ratio']:.2f} "
-                  f"(target {r['target']}) {'PASS' if r['ok'] else 'MISS'} rho {r['rho']:.4f}", flush=True)
+            print(f"  {name:<18} ours {_fmt(r['ours'])}s theirs {_fmt(r['theirs'])}s ratio {_num(r['ratio'], 2)} "
+                  f"(target {r['target']}) {_verdict(r)} rho {_num(r['rho'], 4)}", flush=True)
         print()
         print(table(rows), flush=True)
-        missed = [r["name"] for r in rows if not r["ok"]]
-        print(f"\n{len(rows) - len(missed)}/{len(rows)} targets met" + (f"; missed: {', '.join(missed)}" if missed else ""))
+        missed = [r["name"] for r in rows if r["ok"] is False]
+        rows_timed = [r for r in rows if r["ok"] is not None]
+        print(f"\n{len(rows_timed) - len(missed)}/{len(rows_timed)} targets met" + (f"; missed: {', '.join(missed)}" if missed else ""))
 
 
 pod = None

@@ -16,8 +16,11 @@ history, best weights) is written atomically after every epoch, and training con
 when it exists: a retried task loses at most one epoch and ends with the same weights as an
 uninterrupted run (on CPU, bit for bit).
 
-On CUDA it uses automatic mixed precision (``torch.autocast`` float16 + ``GradScaler``),
-channels-last memory format and pinned host memory; on CPU it runs in float32 and is fully
+On CUDA it uses automatic mixed precision (``torch.autocast`` float16 + ``GradScaler``) and the
+channels-last memory format; an in-memory ``TensorDataset`` small enough (at most a quarter of the free
+GPU memory, 4 GiB at most) is copied to the GPU once and batched there, in the order the shuffling
+``DataLoader`` would give, other data sets go through a
+``DataLoader`` with pinned host memory. On CPU it runs in float32 and is fully
 deterministic for a given ``seed`` (shuffling, augmentation and dropout draw from generators seeded
 with it; seed the initial weights with ``build_model(..., seed=...)``).
 
@@ -146,8 +149,45 @@ def make_train_config(recipe: Optional[str] = None, **overrides: Any) -> TrainCo
     return TrainConfig(**base)
 
 
-def _loader(ds: Dataset, batch_size: int, cfg: TrainConfig, cuda: bool,
-            generator: Optional[torch.Generator]) -> DataLoader:
+class DeviceBatches:
+    """Batches of a ``TensorDataset`` kept on the GPU: what ``DataLoader(ds, batch_size, shuffle=generator
+    is not None, generator=generator)`` yields, in the same order (a ``DataLoader`` over the indices draws
+    each epoch's permutation from the same generator), without per-sample collation or a host-to-device
+    copy per batch."""
+
+    def __init__(self, ds: TensorDataset, batch_size: int, device: torch.device,
+                 generator: Optional[torch.Generator]):
+        self.tensors = [t.to(device) for t in ds.tensors]
+        self.n, self.batch_size, self.generator, self.device = len(ds), int(batch_size), generator, device
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.generator is None:
+            order = torch.arange(self.n, device=self.device)
+        else:
+            # exhausted, as a training epoch exhausts its loader (the sampler draws once more at the end)
+            order = torch.cat(list(DataLoader(range(self.n), batch_size=self.n, shuffle=True,
+                                              generator=self.generator))).to(self.device)
+        for start in range(0, self.n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield tuple(t[idx] for t in self.tensors)
+
+
+def _fits_on_device(ds: Dataset, device: torch.device) -> bool:
+    if device.type != "cuda" or not isinstance(ds, TensorDataset):
+        return False
+    size = sum(t.numel() * t.element_size() for t in ds.tensors)
+    free, _total = torch.cuda.mem_get_info(device)
+    return size <= min(4 * 2**30, free // 4)
+
+
+def _loader(ds: Dataset, batch_size: int, cfg: TrainConfig, device: torch.device,
+            generator: Optional[torch.Generator]):
+    if _fits_on_device(ds, device):
+        return DeviceBatches(ds, batch_size, device, generator)
+    cuda = device.type == "cuda"
     return DataLoader(ds, batch_size=batch_size, shuffle=generator is not None, generator=generator,
                       num_workers=cfg.num_workers, pin_memory=cuda, drop_last=False,
                       persistent_workers=cfg.num_workers > 0)
@@ -186,7 +226,7 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, *, device: Union[str
     """Mean cross entropy (no label smoothing) and accuracy of ``model`` on ``dataset``."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    loader = _loader(dataset, batch_size, TrainConfig(num_workers=0), cuda, None)
+    loader = _loader(dataset, batch_size, TrainConfig(num_workers=0), device, None)
     return _evaluate(model.to(device), loader, device, amp and cuda)
 
 
@@ -294,8 +334,8 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
     aug_gen = torch.Generator().manual_seed(_derived_seed(seed, 1))
     mean, std = _input_format(train_set, input_format)
     augment = BatchAugment(cfg.augment, mean=mean, std=std, padding=cfg.crop_padding, generator=aug_gen)
-    train_loader = _loader(train_set, cfg.batch_size, cfg, cuda, shuffle_gen)
-    val_loader = _loader(val_set, max(256, cfg.batch_size), cfg, cuda, None) if val_set is not None else None
+    train_loader = _loader(train_set, cfg.batch_size, cfg, device, shuffle_gen)
+    val_loader = _loader(val_set, max(256, cfg.batch_size), cfg, device, None) if val_set is not None else None
 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)

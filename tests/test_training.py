@@ -65,3 +65,20 @@ def test_no_val_set_keeps_last_weights(digits):
     model = build_model("small_cnn", num_classes=10, in_channels=1, image_size=16, seed=0)
     hist = train_classifier(model, small, None, TrainConfig(epochs=1, schedule="constant"), seed=0, device="cpu")
     assert len(hist) == 1 and math.isnan(hist[0]["val_acc"]) and hist[0]["lr"] == 0.05
+
+
+def test_device_batches_follow_the_shuffling_dataloader_order():
+    """The GPU-resident batches of an in-memory data set are the DataLoader's batches, epoch after epoch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ood_core.training import DeviceBatches
+
+    ds = TensorDataset(torch.arange(103, dtype=torch.float32)[:, None] * 2, torch.arange(103))
+    loader = DataLoader(ds, batch_size=10, shuffle=True, generator=torch.Generator().manual_seed(3))
+    ours = DeviceBatches(ds, 10, torch.device("cpu"), torch.Generator().manual_seed(3))
+    assert len(ours) == len(loader) == 11
+    for _epoch in range(2):
+        for (xa, ya), (xb, yb) in zip(loader, ours, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    plain = DeviceBatches(ds, 50, torch.device("cpu"), None)
+    assert [len(b[1]) for b in plain] == [50, 50, 3] and torch.equal(torch.cat([b[1] for b in plain]), ds.tensors[1])
