@@ -15,3 +15,15 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def clean_sweep(tmp_path_factory):
+    """One uninterrupted run of the fault tests' study (``tests/sweep_runs.py``), the reference that
+    resumed, lost-node and concurrent runs are compared with: ``{"config", "storage", "results"}``."""
+    from sweep_runs import results_of, run_sweep, write_config
+
+    cfg = write_config(tmp_path_factory.mktemp("clean"), name="clean")
+    code, out, _ = run_sweep(cfg)
+    assert code == 0, out[-3000:]
+    return {"config": cfg, "storage": cfg.parent / "store", "results": results_of(cfg)}
