@@ -76,6 +76,7 @@ class BatchedMLflowCallback(MLflowLoggerCallback):
         super().__init__(*args, **kwargs)
         self._parents = parents
         self._metric_filter = metric_filter
+        self._retries: Dict = {}
 
     def log_trial_start(self, trial):
         if trial in self._trial_runs:
@@ -108,6 +109,14 @@ class BatchedMLflowCallback(MLflowLoggerCallback):
         metrics = [Metric(k, float(v), now, 0) for k, v in result.items()
                    if self._metric_filter(k) and isinstance(v, (int, float))]
         self.mlflow_util._get_client().log_batch(run_id, metrics=metrics)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial that lost its worker (node gone, process killed) restarts elsewhere (``FailureConfig``)
+        and goes on in the same run; the run's ``retries`` tag counts the restarts."""
+        super().on_trial_recover(iteration, trials, trial, **info)
+        self._retries[trial] = self._retries.get(trial, 0) + 1
+        if trial in self._trial_runs:
+            self.mlflow_util._get_client().set_tag(self._trial_runs[trial], "retries", str(self._retries[trial]))
 
     def log_trial_end(self, trial, failed: bool = False):
         self.mlflow_util.end_run(run_id=self._trial_runs[trial], status="FAILED" if failed else "FINISHED")

@@ -1,6 +1,12 @@
-"""A sweep on a simulated multi-node Ray cluster (``ray.cluster_utils.Cluster``): one node is removed in
-the middle and the sweep still completes with complete results; node-local storage is refused."""
-import json
+"""A sweep on a simulated multi-node Ray cluster (``ray.cluster_utils.Cluster``) with its storage in an
+object store (``s3://``, moto's server) and MLflow behind a tracking server, as on a real cluster.
+
+The worker node doing the work is lost three times: during training, during extraction and during a
+Tune trial. Each time the work is retried on a fresh node, and the sweep ends with exactly the
+results of an uninterrupted run and without duplicated MLflow runs. Node-local storage and a local
+MLflow store are refused on a multi-node cluster; a shared mount is accepted.
+"""
+import re
 import socket
 import subprocess
 import sys
@@ -9,69 +15,108 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+import s3_server
+from sweep_runs import EXPECTED_RUNS, results, run_counts, sweep_env, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent('''
-    import json, os, sys, threading, time
+    import os, socket, sys, threading, time
+    from urllib.parse import urlparse
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
+    from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
+    from ood_core import storage
     from orchestrator.config import load_config
     from orchestrator.errors import UserError
     from orchestrator.sweep import SweepRunner
 
-    refused_cfg, cfg_path = sys.argv[1], sys.argv[2]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    doomed = cluster.add_node(num_cpus=1)
-    cluster.add_node(num_cpus=1)
+    refused_cfg, shared_cfg, cfg_path, tracking = sys.argv[1:5]
+
+    def say(*args):
+        print("", *args, flush=True)
+
+    # The head schedules no work (0 CPUs), so at any time the one worker node is the one doing it.
+    # Faster health checks than the default (~15 s): a killed node is declared dead within ~5 s.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": {
+        "health_check_period_ms": 500, "health_check_failure_threshold": 10}})
+    node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, include_dashboard=False, logging_level="ERROR")
     cluster.wait_for_nodes()
     try:  # node-local storage and a sqlite store on a multi-node cluster
         SweepRunner(load_config(refused_cfg), "").run()
     except UserError as exc:
-        print("REFUSED", exc, flush=True)
+        say("REFUSED", exc)
+    SweepRunner(load_config(shared_cfg), "").check_cluster()
+    say("SHARED MOUNT ACCEPTED")
+
+    url = urlparse(tracking)  # the tracking server was started beside the cluster
+    deadline = time.time() + 180
+    while True:
+        try:
+            socket.create_connection((url.hostname, url.port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+
     runner = SweepRunner(load_config(cfg_path), "")
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(rows=runner.run()))
+    bb = runner.plan.backbones[0]
+    client = MlflowClient(tracking)
+    outcome = {}
+
+    def sweep():
+        try:
+            runner.run()
+            outcome["ok"] = True
+        except BaseException as exc:
+            outcome["error"] = repr(exc)
+            raise
+
+    thread = threading.Thread(target=sweep, daemon=True)
     thread.start()
-    features = os.path.join(runner.cfg.storage, "features")
-    while thread.is_alive() and not (os.path.isdir(features) and any(os.scandir(features))):
-        time.sleep(0.2)
-    time.sleep(1.0)
-    cluster.remove_node(doomed)          # a worker node is lost in the middle of extraction
-    print("REMOVED NODE", flush=True)
+
+    def wait_for(condition, what):
+        deadline = time.time() + 300
+        while not condition():
+            if not thread.is_alive() or time.time() > deadline:
+                say("NEVER SAW", what, outcome)
+                sys.exit(1)
+            time.sleep(0.1)
+
+    def lose_node(phase):
+        global node
+        lost, node = node, cluster.add_node(num_cpus=1)
+        cluster.remove_node(lost, allow_graceful=False)  # SIGKILL: the node and its workers are gone
+        say("LOST NODE", phase)
+
+    def trial_runs():
+        exp = client.get_experiment_by_name(runner.cfg.name)
+        return client.search_runs([exp.experiment_id], "tags.stage = 'trial'") if exp else []
+
+    # 1. training: an epoch's resume checkpoint is written, the final checkpoint is not
+    wait_for(lambda: storage.exists(bb.checkpoint_uri + ".resume"), "training")
+    lose_node(f"training: final checkpoint written={storage.exists(bb.checkpoint_uri)}")
+    # 2. extraction: some feature files are written, not all
+    wait_for(lambda: any(storage.exists(f.uri) for f in bb.features), "extraction")
+    lose_node(f"extraction: {sum(storage.exists(f.uri) for f in bb.features)}/{len(bb.features)} files")
+    # 3. search: a trial is running
+    wait_for(lambda: len(trial_runs()) > 0, "a trial")
+    runs = trial_runs()
+    lose_node(f"trial: {len(runs)} started, {sum(r.info.status == 'FINISHED' for r in runs)} finished")
     thread.join(600)
-    print("ROWS", json.dumps([{k: v for k, v in r.items() if k in ("detector", "near/auroc", "far/auroc")}
-                              for r in result.get("rows", [])]))
+    say("SWEEP", "finished" if outcome.get("ok") else f"failed: {outcome}")
     ray.shutdown()
     cluster.shutdown()
 ''')
 
 
-def _config(tmp_path, tracking_uri, shared=True, name="cluster.yaml"):
-    raw = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
-    raw.update(name="cluster", storage=str(tmp_path / "store"), shared_storage=shared, tracking_uri=tracking_uri)
-    raw["backbones"][0]["train"]["epochs"] = 3
-    raw["detectors"] = [{"type": "MaxSoftmax", "search": {"t": {"grid": [1, 10, 100]}}}, {"type": "KNN",
-                        "search": {"k": {"grid": [1, 5]}}}, {"type": "Mahalanobis"}]
-    raw["resources"]["max_retries"] = 3
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _run(tmp_path, refused_cfg, cfg):
-    script = tmp_path / "cluster_sweep.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(refused_cfg), str(cfg)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 @pytest.fixture()
 def mlflow_server(tmp_path):
+    """An MLflow tracking server (not waited for: the cluster script waits while its cluster starts)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -79,37 +124,49 @@ def mlflow_server(tmp_path):
                              "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                              "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(30)
 
 
-def test_multi_node_sweep_refuses_local_stores_and_survives_a_lost_node(tmp_path, mlflow_server):
-    from mlflow.tracking import MlflowClient
+@pytest.fixture()
+def s3():
+    server, root = s3_server.start()
+    yield server, root
+    server.stop()
 
-    local = _config(tmp_path, f"sqlite:///{tmp_path / 'local.db'}", shared=False, name="local.yaml")
-    cfg = _config(tmp_path, mlflow_server)
-    code, out = _run(tmp_path, local, cfg)
-    assert code == 0, out[-4000:]
-    line = next(l for l in out.splitlines() if l.startswith("REFUSED"))
-    assert "3 nodes" in line and "node-local path" in line and "local store" in line
+
+def test_multi_node_sweep_survives_lost_nodes_in_every_stage(tmp_path, mlflow_server, s3, clean_sweep):
+    server, bucket = s3
+    refused = write_config(tmp_path, "cluster", tracking_uri=f"sqlite:///{tmp_path / 'local.db'}",
+                           filename="local.yaml")
+    shared = write_config(tmp_path, "cluster", tracking_uri=mlflow_server, shared_storage=True,
+                          filename="shared.yaml")
+    cfg = write_config(tmp_path, "cluster", storage=f"{bucket}/store", tracking_uri=mlflow_server,
+                       resources={"max_retries": 3})
+    script = tmp_path / "cluster_sweep.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(refused), str(shared), str(cfg), mlflow_server],
+                          cwd=ROOT, env=sweep_env(**server.env()), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    # Ray's progress bars share the output lines: find the script's messages anywhere in them
+    refusal = re.search(r"REFUSED ([^\n]*)", out).group(1)
+    assert "2 nodes" in refusal and "node-local path" in refusal and "local store" in refusal
     assert not (tmp_path / "local.db").exists()
-    assert "REMOVED NODE" in out
-    rows = json.loads(next(l for l in out.splitlines() if l.startswith("ROWS "))[5:])
-    assert [r["detector"] for r in rows] == ["MaxSoftmax", "KNN", "Mahalanobis"]
-    assert all(0 <= r["near/auroc"] <= 1 and 0 <= r["far/auroc"] <= 1 for r in rows)
-    client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id], max_results=200)
-    stages = [r.data.tags.get("stage") for r in runs]
-    assert stages.count("sweep") == 1 and stages.count("detector") == 3 and stages.count("trial") == 3 + 2 + 1
+    assert "SHARED MOUNT ACCEPTED" in out
+    assert len(re.findall("LOST NODE", out)) == 3, out[-3000:]
+    assert re.search(r"LOST NODE training: final checkpoint written=False", out)
+    extracted, total = map(int, re.search(r"LOST NODE extraction: (\d+)/(\d+) files", out).groups())
+    assert 0 < extracted < total
+    started, finished = map(int, re.search(r"LOST NODE trial: (\d+) started, (\d+) finished", out).groups())
+    assert started >= 1 and finished < EXPECTED_RUNS["trial"]
+    assert "SWEEP finished" in out, out[-3000:]
+
+    # the same numbers as an uninterrupted run, and every run logged once
+    assert results(mlflow_server, "cluster") == clean_sweep["results"]
+    counts, runs = run_counts(mlflow_server, "cluster")
+    assert counts == EXPECTED_RUNS, counts
     assert all(r.info.status == "FINISHED" for r in runs)
+    retried = [r for r in runs if r.data.tags.get("stage") == "trial" and int(r.data.tags.get("retries", 0)) > 0]
+    assert retried, "no trial was restarted after its node was lost"
