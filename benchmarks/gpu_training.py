@@ -1,7 +1,7 @@
 """Backbone training on a GPU: mixed precision + channels-last against plain float32, on real data.
 
     python benchmarks/gpu_training.py [--arch resnet18] [--dataset fashionmnist] [--root DIR]
-                                      [--epochs 3] [--recipe openood_v1.5] [--modes amp fp32]
+                                      [--epochs 3] [--recipe openood_v1.5] [--batch-size N] [--modes amp fp32]
 
 Trains the same backbone with the same seed and recipe (epochs overridden) once per mode through
 :func:`ood_core.training.train_classifier` (``amp=True``: float16 autocast with a gradient scaler and
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="data root (default: the registry's search path)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--recipe", default="openood_v1.5")
+    ap.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
     ap.add_argument("--modes", nargs="+", default=["amp", "fp32"], choices=["amp", "fp32"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -45,13 +46,14 @@ def main() -> None:
     val = load_dataset(args.dataset, split="val", fmt=fmt, seed=0, **params)
     test = load_dataset(args.dataset, split="test", fmt=fmt, seed=0, **params)
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; {args.arch} on {args.dataset} "
-          f"(train {len(train)}, val {len(val)}, test {len(test)}), recipe {args.recipe}, {args.epochs} epochs")
+          f"(train {len(train)}, val {len(val)}, test {len(test)}), recipe {args.recipe}, {args.epochs} epochs"
+          + (f", batch {args.batch_size}" if args.batch_size else ""))
     rows = {}
     for mode in args.modes:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model = build_model(args.arch, num_classes=10, in_channels=1, image_size=28, seed=0)
-        cfg = make_train_config(args.recipe, epochs=args.epochs, amp=(mode == "amp"))
+        cfg = make_train_config(args.recipe, epochs=args.epochs, amp=(mode == "amp"), batch_size=args.batch_size)
         start = time.perf_counter()
         history = train_classifier(model, train, val, cfg, seed=0, device="cuda", input_format=fmt)
         torch.cuda.synchronize()

@@ -46,14 +46,19 @@ class BatchAugment:
 
     # random numbers on CPU from our generator, then on the device
     def _rand(self, *shape: int, device) -> Tensor:
-        return torch.rand(*shape, generator=self.gen).to(device)
+        return host_to(torch.rand(*shape, generator=self.gen), device)
 
     def _stats(self, x: Tensor):
         c = x.shape[1]
-        mean, std = self.mean, self.std
-        if len(mean) != c:
-            mean, std = mean[:1].expand(c), std[:1].expand(c)
-        return mean.to(x.device, x.dtype).view(1, c, 1, 1), std.to(x.device, x.dtype).view(1, c, 1, 1)
+        key = (x.device, x.dtype, c)
+        if getattr(self, "_stats_key", None) != key:
+            mean, std = self.mean, self.std
+            if len(mean) != c:
+                mean, std = mean[:1].expand(c), std[:1].expand(c)
+            self._stats_cache = (host_to(mean.to(x.dtype).reshape(1, c, 1, 1), x.device),
+                                 host_to(std.to(x.dtype).reshape(1, c, 1, 1), x.device))
+            self._stats_key = key
+        return self._stats_cache
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.kind == "none":
@@ -75,7 +80,7 @@ class BatchAugment:
         p = self.padding
         padded = fill.expand(n, c, h + 2 * p, w + 2 * p).clone()
         padded[:, :, p:p + h, p:p + w] = x
-        off = torch.randint(0, 2 * p + 1, (2, n), generator=self.gen).to(x.device)
+        off = host_to(torch.randint(0, 2 * p + 1, (2, n), generator=self.gen), x.device)
         rows = off[0][:, None] + torch.arange(h, device=x.device)  # (N, H)
         cols = off[1][:, None] + torch.arange(w, device=x.device)  # (N, W)
         batch = torch.arange(n, device=x.device)[:, None, None]
@@ -144,11 +149,19 @@ class BatchAugment:
         return x.masked_fill(box[:, None], 0.0)
 
 
+def host_to(t: Tensor, device) -> Tensor:
+    """``t`` (on the host) on ``device``; to a GPU through pinned memory without blocking, so that the
+    per-batch random numbers never make the host wait for the GPU's queue to drain."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _gray(raw: Tensor) -> Tensor:
     if raw.shape[1] == 1:
         return raw
-    w = torch.tensor(LUMA, dtype=raw.dtype, device=raw.device).view(1, 3, 1, 1)
-    return (raw * w).sum(1, keepdim=True)
+    return raw[:, 0:1] * LUMA[0] + raw[:, 1:2] * LUMA[1] + raw[:, 2:3] * LUMA[2]  # no host-to-device copy
 
 
 def adjust_hue(rgb: Tensor, shift: Tensor) -> Tensor:

@@ -17,7 +17,8 @@ when it exists: a retried task loses at most one epoch and ends with the same we
 uninterrupted run (on CPU, bit for bit).
 
 On CUDA it uses automatic mixed precision (``torch.autocast`` float16 + ``GradScaler``) and the
-channels-last memory format; an in-memory ``TensorDataset`` small enough (at most a quarter of the free
+channels-last memory format; an in-memory data set (``TensorDataset``, or raw images in an
+``ArrayImageDataset``) small enough (at most a quarter of the free
 GPU memory, 4 GiB at most) is copied to the GPU once and batched there, in the order the shuffling
 ``DataLoader`` would give, other data sets go through a
 ``DataLoader`` with pinned host memory. On CPU it runs in float32 and is fully
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ood_core import storage
 from ood_core.augment import AUGMENTATIONS, BatchAugment
+from ood_core.datasets.base import ArrayImageDataset, to_format
 
 SCHEDULES = ("cosine", "cosine_epoch", "multistep", "constant")
 RESUME_FORMAT = "ood-sweep-resume"
@@ -150,14 +152,28 @@ def make_train_config(recipe: Optional[str] = None, **overrides: Any) -> TrainCo
 
 
 class DeviceBatches:
-    """Batches of a ``TensorDataset`` kept on the GPU: what ``DataLoader(ds, batch_size, shuffle=generator
-    is not None, generator=generator)`` yields, in the same order (a ``DataLoader`` over the indices draws
-    each epoch's permutation from the same generator), without per-sample collation or a host-to-device
-    copy per batch."""
+    """Batches of an in-memory data set kept on the GPU: what ``DataLoader(ds, batch_size,
+    shuffle=generator is not None, generator=generator)`` yields, in the same order (a ``DataLoader`` over
+    the indices draws each epoch's permutation from the same generator), without per-sample collation or
+    a host-to-device copy per batch.
 
-    def __init__(self, ds: TensorDataset, batch_size: int, device: torch.device,
+    ``ds`` is a ``TensorDataset`` (its tensors are copied to ``device``) or an
+    :class:`~ood_core.datasets.base.ArrayImageDataset` (its raw ``uint8`` images are copied, and each
+    batch is converted to the input format on the device).
+    """
+
+    def __init__(self, ds: Dataset, batch_size: int, device: torch.device,
                  generator: Optional[torch.Generator]):
-        self.tensors = [t.to(device) for t in ds.tensors]
+        if isinstance(ds, ArrayImageDataset):
+            self.tensors = [torch.from_numpy(np.ascontiguousarray(ds.images[ds.indices])).to(device),
+                            torch.from_numpy(ds.labels).to(device)]
+            fmt = ds.fmt
+            self.convert = lambda raw: to_format(raw.float().div_(255.0), fmt)
+        elif isinstance(ds, TensorDataset):
+            self.tensors = [t.to(device) for t in ds.tensors]
+            self.convert = None
+        else:
+            raise TypeError(f"DeviceBatches: needs a TensorDataset or an ArrayImageDataset, got {type(ds).__name__}")
         self.n, self.batch_size, self.generator, self.device = len(ds), int(batch_size), generator, device
 
     def __len__(self) -> int:
@@ -172,13 +188,21 @@ class DeviceBatches:
                                               generator=self.generator))).to(self.device)
         for start in range(0, self.n, self.batch_size):
             idx = order[start:start + self.batch_size]
-            yield tuple(t[idx] for t in self.tensors)
+            batch = [t[idx] for t in self.tensors]
+            if self.convert is not None:
+                batch[0] = self.convert(batch[0])
+            yield tuple(batch)
 
 
 def _fits_on_device(ds: Dataset, device: torch.device) -> bool:
-    if device.type != "cuda" or not isinstance(ds, TensorDataset):
+    if device.type != "cuda":
         return False
-    size = sum(t.numel() * t.element_size() for t in ds.tensors)
+    if isinstance(ds, TensorDataset):
+        size = sum(t.numel() * t.element_size() for t in ds.tensors)
+    elif isinstance(ds, ArrayImageDataset):
+        size = len(ds) * (int(np.prod(ds.images.shape[1:])) + 8)
+    else:
+        return False
     free, _total = torch.cuda.mem_get_info(device)
     return size <= min(4 * 2**30, free // 4)
 
@@ -337,8 +361,9 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
     train_loader = _loader(train_set, cfg.batch_size, cfg, device, shuffle_gen)
     val_loader = _loader(val_set, max(256, cfg.batch_size), cfg, device, None) if val_set is not None else None
 
+    # fused on CUDA: one kernel for the whole update, and the AMP scaler's inf check needs no host sync
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, len(train_loader)))
     per_step = cfg.schedule == "cosine"
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -118,7 +118,13 @@ def test_model_in_the_loop_detector_runs_on_cuda_and_agrees_with_cpu(name):
                      (x_train[32:].to(device), y_train[32:].to(device))])
         return det.predict(x.to(device))
 
-XX
+    cpu, gpu = run("cpu"), run("cuda")
+    assert gpu.device.type == "cuda" and torch.isfinite(gpu).all()
+    if name == "MCD":  # the dropout masks come from the device's own generator: reproducible, not the CPU's
+        assert torch.equal(gpu, run("cuda"))
+        return
+    rho = _spearman(cpu.double().numpy(), gpu.double().cpu().numpy())
+    assert rho >= 0.99, f"{name}: Spearman(cpu, cuda) = {rho:.5f}"
 
 
 def test_training_with_amp_and_channels_last_on_cuda():

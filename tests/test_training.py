@@ -1,5 +1,6 @@
 """train_classifier on the digits quickstart set (CPU)."""
 import math
+import numpy as np
 
 import pytest
 import torch
@@ -82,3 +83,20 @@ def test_device_batches_follow_the_shuffling_dataloader_order():
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
     plain = DeviceBatches(ds, 50, torch.device("cpu"), None)
     assert [len(b[1]) for b in plain] == [50, 50, 3] and torch.equal(torch.cat([b[1] for b in plain]), ds.tensors[1])
+
+
+def test_device_batches_of_raw_images_convert_like_the_dataset():
+    from torch.utils.data import DataLoader
+
+    from ood_core.datasets.base import ArrayImageDataset, InputFormat
+    from ood_core.training import DeviceBatches
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 1, 8, 8), dtype=np.uint8)
+    fmt = InputFormat(3, 12, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # gray -> RGB, resized: conversion per batch
+    ds = ArrayImageDataset(images, np.arange(5, 35), np.arange(30) % 3, fmt, 3, "raw")
+    loader = DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
+    ours = DeviceBatches(ds, 8, torch.device("cpu"), torch.Generator().manual_seed(1))
+    for (xa, ya), (xb, yb) in zip(loader, ours, strict=True):
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(xa, xb)
