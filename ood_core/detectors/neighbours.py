@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..api import FeaturesDetector, InvalidInputError
-from .feature_stats import Head, HeadMixin
+from .head import Head, HeadMixin
 from .logits import LOGIT_SCORES
 from .mahalanobis import check_features
 from .numerics import float64_blocks, mean64

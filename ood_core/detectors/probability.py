@@ -11,7 +11,6 @@ import math
 from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import InvalidInputError, LogitsDetector, check_input

@@ -1,12 +1,13 @@
 """ReAct: rectified (clipped) penultimate activations, scored through the linear head."""
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..api import DetectorError, FeaturesDetector, InvalidInputError
+from ..api import FeaturesDetector, InvalidInputError
+from .head import Head, HeadMixin
 from .logits import LOGIT_SCORES
 from .mahalanobis import check_features, id_training_set
 from .numerics import percentiles, row_slices
@@ -21,7 +22,7 @@ def percentile(x: Tensor, q: float) -> float:
     return percentiles(x, [q])[0]
 
 
-class ReAct(FeaturesDetector):
+class ReAct(HeadMixin, FeaturesDetector):
     r"""ReAct: clip penultimate features at :math:`c`, recompute logits, score them.
 
     .. math::
@@ -52,7 +53,7 @@ class ReAct(FeaturesDetector):
     def __init__(
         self,
         model: Optional[Callable[[Tensor], Tensor]] = None,
-        head: Union[nn.Linear, Tuple[Tensor, Optional[Tensor]], None] = None,
+        head: Head = None,
         threshold: Optional[float] = None,
         percentile: Optional[float] = None,
         detector: str = "energy",
@@ -77,27 +78,7 @@ class ReAct(FeaturesDetector):
         self.percentile = percentile
         self.threshold = threshold
         self.requires_fit = percentile is not None
-        self.w: Optional[Tensor] = None
-        self.b: Optional[Tensor] = None
-        if head is not None:
-            if isinstance(head, nn.Linear):
-                w, b = head.weight, head.bias
-            else:
-                try:
-                    w, b = head
-                except (TypeError, ValueError) as exc:
-                    raise ValueError("ReAct: head must be an nn.Linear or a (w, b) tuple") from exc
-            w = torch.as_tensor(w).detach().float()
-            if w.ndim != 2:
-                raise ValueError(f"ReAct: head weights must have shape (C, D), got {tuple(w.shape)}")
-            b = torch.zeros(w.shape[0], device=w.device) if b is None else torch.as_tensor(b).detach().float()
-            if b.shape != (w.shape[0],):
-                raise ValueError(f"ReAct: head bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
-            self.w, self.b = w, b.to(w.device)
-
-    def _require_head(self) -> None:
-        if self.w is None:
-            raise DetectorError("ReAct: needs the classifier head; pass head=nn.Linear or (w, b)")
+        self._set_head(head)
 
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "ReAct":
@@ -111,10 +92,7 @@ class ReAct(FeaturesDetector):
 
     def logits(self, z: Tensor) -> Tensor:
         """Logits of the clipped features ``W min(z, c) + b``."""
-        self._require_head()
-        dtype, device = z.dtype, z.device
-        clipped = z.clamp(max=self.threshold)
-        return clipped @ self.w.to(device=device, dtype=dtype).T + self.b.to(device=device, dtype=dtype)
+        return super().logits(z.clamp(max=self.threshold))
 
     @torch.no_grad()
     def predict_features(self, z: Tensor) -> Tensor:

@@ -19,38 +19,15 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..api import DetectorError, FeatureMapsDetector, FeaturesDetector, InvalidInputError, check_input
+from ..api import FeatureMapsDetector, FeaturesDetector, InvalidInputError, check_input
+from .head import Head, HeadMixin
 from .logits import LOGIT_SCORES
 from .mahalanobis import id_training_set
 from .numerics import percentiles, percentiles_dim0, row_slices
 
-Head = Union[nn.Linear, Tuple[Tensor, Optional[Tensor]], None]
 OPENOOD_PERCENTILES = [65, 70, 75, 80, 85, 90, 95]
-
-
-def parse_head(name: str, head: Head) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(w (K, D), b (K,))`` as float32 detached tensors from an ``nn.Linear`` or a tuple.
-
-    ``None`` gives ``(None, None)``; a missing bias gives zeros.
-    """
-    if head is None:
-        return None, None
-    if isinstance(head, nn.Linear):
-        w, b = head.weight, head.bias
-    else:
-        try:
-            w, b = head
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name}: head must be an nn.Linear or a (w, b) tuple") from exc
-    w = torch.as_tensor(w).detach().float()
-    if w.ndim != 2:
-        raise ValueError(f"{name}: head weights must have shape (K, D), got {tuple(w.shape)}")
-    b = torch.zeros(w.shape[0], device=w.device) if b is None else torch.as_tensor(b).detach().float().to(w.device)
-    if b.shape != (w.shape[0],):
-        raise ValueError(f"{name}: head bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
-    return w, b
 
 
 def _check_percentile(name: str, key: str, value, upper_open: bool = False) -> float:
@@ -73,7 +50,7 @@ def _sum_ratio(total: Tensor, kept: Tensor) -> Tensor:
     return torch.where(kept == 0, torch.ones_like(total), total / safe)
 
 
-class _HeadShaper(FeaturesDetector, FeatureMapsDetector):
+class _HeadShaper(HeadMixin, FeaturesDetector, FeatureMapsDetector):
     """Shared machinery: head, input checks, pooling, logit scoring. Subclasses implement :meth:`shape`."""
 
     maps_only: ClassVar[bool] = False
@@ -85,11 +62,7 @@ class _HeadShaper(FeaturesDetector, FeatureMapsDetector):
         if key not in LOGIT_SCORES:
             raise ValueError(f"{name}: detector must be one of {sorted(LOGIT_SCORES)}, got {detector!r}")
         self.detector = key
-        self.w, self.b = parse_head(name, head)
-
-    def _require_head(self) -> None:
-        if self.w is None:
-            raise DetectorError(f"{type(self).__name__}: needs the classifier head; pass head=nn.Linear or (w, b)")
+        self._set_head(head)
 
     def shape(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Shaped activations: ``x`` is ``(N, D)`` or ``(N, C, H, W)``; same shape out."""
@@ -114,8 +87,7 @@ class _HeadShaper(FeaturesDetector, FeatureMapsDetector):
 
     def logits(self, shaped: Tensor) -> Tensor:
         """Head output of shaped activations (global average pooling first for feature maps)."""
-        z = shaped.mean(dim=(2, 3)) if shaped.ndim == 4 else shaped
-        return z @ self.w.to(device=z.device, dtype=z.dtype).T + self.b.to(device=z.device, dtype=z.dtype)
+        return super().logits(shaped.mean(dim=(2, 3)) if shaped.ndim == 4 else shaped)
 
     def _score(self, x: Tensor) -> Tensor:
         score = LOGIT_SCORES[self.detector]

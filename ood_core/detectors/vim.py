@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
+from .head import parse_head
 from .mahalanobis import check_features, id_training_set, require_finite
 from .numerics import row_slices, scatter64
 
@@ -72,14 +73,7 @@ class ViM(FeaturesDetector):
         self.w: Optional[Tensor] = None
         self.b: Optional[Tensor] = None
         if w is not None:
-            w = torch.as_tensor(w).detach().float()
-            if w.ndim != 2:
-                raise ValueError(f"ViM: w must have shape (C, D), got {tuple(w.shape)}")
-            b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
-            b = torch.as_tensor(b).detach().float().to(w.device)
-            if b.shape != (w.shape[0],):
-                raise ValueError(f"ViM: b must have shape ({w.shape[0]},), got {tuple(b.shape)}")
-            self.w, self.b = w, b
+            self.w, self.b = parse_head("ViM", (w, b))
         elif b is not None:
             raise ValueError("ViM: b given without w")
         self.u: Optional[Tensor] = None  #: origin -pinv(W) b, (D,) float64
