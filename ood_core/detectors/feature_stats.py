@@ -11,7 +11,7 @@ from ..api import FeaturesDetector, InvalidInputError
 from .mahalanobis import (Mahalanobis, check_features, closest_sq_distance, id_training_set, require_finite,
                           whiten)
 from .head import Head, HeadMixin
-from .numerics import centred_norms, lower_matmul_t, mean64, ridge_whitener, row_slices, scatter64
+from .numerics import centred_norms, lower_matmul_t, mean64, one_thread, ridge_whitener, row_slices, scatter64
 
 
 class RMD(Mahalanobis):
@@ -204,7 +204,9 @@ class NECO(HeadMixin, FeaturesDetector):
         std = torch.where(std > 0, std, torch.ones_like(std))
         xs = (x - mean) / std
         xs = xs - xs.mean(dim=0)
-        _, evecs = torch.linalg.eigh(xs.T @ xs / xs.shape[0])  # ascending
+        cov = xs.T @ xs / xs.shape[0]
+        with one_thread(cov):
+            _, evecs = torch.linalg.eigh(cov)  # ascending
         self.mean, self.std = mean, std
         self.components = evecs[:, -self.d:].flip(1).contiguous()
         self._mark_fitted()

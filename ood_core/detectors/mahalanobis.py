@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..api import FeaturesDetector, InvalidInputError, check_input
-from .numerics import add_scatter_, float64_blocks, lower_matmul_t, mean64, mirror_lower, row_slices
+from .numerics import add_scatter_, float64_blocks, lower_matmul_t, mean64, mirror_lower, ridge_whitener, row_slices
 
 #: relative ridge added to the shared covariance: ``RIDGE * trace(Sigma) / D`` (``RIDGE`` when the trace is 0)
 RIDGE = 1e-6
@@ -169,17 +169,7 @@ class Mahalanobis(FeaturesDetector):
         mu = m + center
         # the subtraction is accurate to ~1e-16 of the total scatter: floor the trace there, so
         # that classes with (numerically) zero spread still get a meaningful ridge
-        trace = max(float(torch.diagonal(cov).sum()), 1e-10 * float(torch.diagonal(total).sum()) / n)
-        self.ridge = RIDGE * (trace / d if trace > 0 else 1.0)
-        cov.diagonal().add_(self.ridge)
-        chol, info = torch.linalg.cholesky_ex(cov)
-        if int(info) != 0:  # numerically indefinite despite the ridge: clip eigenvalues instead
-            evals, evecs = torch.linalg.eigh(cov)
-            evals = evals.clamp(min=self.ridge)
-            cov = (evecs * evals) @ evecs.T
-            chol = torch.linalg.cholesky(cov)
-        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-        whitener = torch.linalg.solve_triangular(chol, eye, upper=False)
+        whitener, self.ridge, _ = ridge_whitener(cov, RIDGE, 1e-10 * float(torch.diagonal(total).sum()) / n)
         self.classes = classes
         self.mu = mu
         self.center = center

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
 from .head import parse_head
 from .mahalanobis import check_features, id_training_set, require_finite
-from .numerics import row_slices, scatter64
+from .numerics import one_thread, row_slices, scatter64
 
 
 def _auto_dim(d_features: int) -> int:
@@ -109,7 +109,8 @@ class ViM(FeaturesDetector):
         # sums would rotate the subspace visibly
         cov = scatter64(z, u) / n
         require_finite(self, z, torch.diagonal(cov))
-        _, evecs = torch.linalg.eigh(cov)  # float64, ascending eigenvalues
+        with one_thread(cov):
+            _, evecs = torch.linalg.eigh(cov)  # float64, ascending eigenvalues
         basis = evecs[:, : dim - d].contiguous()  # complement of the top-d eigenvectors
         # alpha from sums over cache-sized row chunks (float64 sums of the per-sample values)
         u_w, basis_w = u.to(work), basis.to(work)
