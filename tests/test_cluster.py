@@ -11,12 +11,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 import s3_server
+from ood_core import storage
 from sweep_runs import EXPECTED_RUNS, results, run_counts, sweep_env, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def s3():
     server.stop()
 
 
-def test_multi_node_sweep_survives_lost_nodes_in_every_stage(tmp_path, mlflow_server, s3, clean_sweep):
+def test_multi_node_sweep_survives_lost_nodes_in_every_stage(tmp_path, mlflow_server, s3, clean_sweep, monkeypatch):
     server, bucket = s3
     refused = write_config(tmp_path, "cluster", tracking_uri=f"sqlite:///{tmp_path / 'local.db'}",
                            filename="local.yaml")
@@ -170,3 +171,16 @@ def test_multi_node_sweep_survives_lost_nodes_in_every_stage(tmp_path, mlflow_se
     assert all(r.info.status == "FINISHED" for r in runs)
     retried = [r for r in runs if r.data.tags.get("stage") == "trial" and int(r.data.tags.get("retries", 0)) > 0]
     assert retried, "no trial was restarted after its node was lost"
+
+    # everything the sweep stored is in the bucket: checkpoint, features, searches, Tune's experiment
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    fs, root = storage.resolve(f"{bucket}/store")
+    keys = [i.path[len(root) + 1:] for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            if i.type == pafs.FileType.File]
+    assert sum(k.startswith("checkpoints/") for k in keys) == 1
+    assert sum(k.startswith("features/") for k in keys) == 9
+    assert sum(k.startswith("search/") for k in keys) == 2 * 3
+    assert any(k.startswith("tune/") and "experiment_state" in k for k in keys)
+    assert not any(".tmp-" in k or k.endswith(".resume") for k in keys)
+    assert not (tmp_path / "store").exists()  # the refused and the shared-mount configs wrote nothing
