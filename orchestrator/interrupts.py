@@ -1,10 +1,12 @@
-"""Ctrl-C that is never lost.
+"""Ctrl-C that stops a sweep cleanly and is never lost.
 
 Python turns SIGINT into ``KeyboardInterrupt`` wherever the main thread happens to be. When that is
-inside a destructor, a weakref callback or a library's catch-all handler, the exception is swallowed
-and the sweep would carry on as if nothing happened. :func:`latched_sigint` also records the signal, and
-the sweep calls :func:`raise_if_interrupted` between stages and while waiting on Ray, so a Ctrl-C
-always ends the sweep at the next boundary at the latest.
+inside a destructor, an at-fork hook (logging's lock release when Ray starts a process) or a library's
+catch-all handler, the exception is swallowed, a stray traceback is printed and the sweep would carry
+on. Within :func:`latched_sigint` the first SIGINT is only recorded; the driver waits on Ray in short
+polls and calls :func:`raise_if_interrupted` between them and between stages, so it stops within a
+fraction of a second, in its own code. Inside :func:`interruptible` (code we cannot poll from, such as
+Tune's event loop) and on a second Ctrl-C the signal raises at once.
 """
 from __future__ import annotations
 
@@ -13,17 +15,23 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+#: how often the driver looks for a recorded Ctrl-C while it waits on Ray (seconds)
+POLL_S = 0.2
+
 _received = threading.Event()
+_raise_at_once = [False]
 
 
 def _on_sigint(signum, frame) -> None:
+    again = _received.is_set()
     _received.set()
-    raise KeyboardInterrupt
+    if again or _raise_at_once[0]:
+        raise KeyboardInterrupt
 
 
 @contextmanager
 def latched_sigint() -> Iterator[None]:
-    """Within the block, SIGINT raises ``KeyboardInterrupt`` and is remembered (main thread only)."""
+    """Within the block, SIGINT is recorded for :func:`raise_if_interrupted` (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -36,7 +44,20 @@ def latched_sigint() -> Iterator[None]:
         _received.clear()
 
 
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Within the block, SIGINT raises ``KeyboardInterrupt`` at once (for loops we cannot poll from)."""
+    raise_if_interrupted()
+    before = _raise_at_once[0]
+    _raise_at_once[0] = True
+    try:
+        yield
+    finally:
+        _raise_at_once[0] = before
+    raise_if_interrupted()  # swallowed inside the block: never take a stopped loop for a finished one
+
+
 def raise_if_interrupted() -> None:
-    """Raise ``KeyboardInterrupt`` if a SIGINT arrived that was swallowed on its way."""
+    """Raise ``KeyboardInterrupt`` if a SIGINT was recorded."""
     if _received.is_set():
         raise KeyboardInterrupt

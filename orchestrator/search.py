@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from orchestrator.interrupts import raise_if_interrupted
+from orchestrator.interrupts import interruptible
 from orchestrator.plan import join_uri
 
 
@@ -251,8 +251,8 @@ def run_search(
                 failure_config=tune.FailureConfig(max_failures=max_failures),
             ),
         )
-    grid = tuner.fit()
-    raise_if_interrupted()  # never take a stopped experiment for a finished one
+    with interruptible():  # a swallowed Ctrl-C is raised after fit: a stopped experiment is never cached
+        grid = tuner.fit()
     return _group(grid, entries, metric)
 
 
@@ -284,8 +284,8 @@ def _run_optuna(trainable, entries, *, metric, mode, max_concurrent, storage_pat
                     failure_config=tune.FailureConfig(max_failures=max_failures),
                 ),
             )
-        grid = tuner.fit()
-        raise_if_interrupted()
+        with interruptible():
+            grid = tuner.fit()
         by_key.update(_group(grid, [e], metric))
     return by_key
 

@@ -12,14 +12,14 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from orchestrator import artifacts, report, search_cache
 from orchestrator.config import SweepConfig, val_test_overlap
 from orchestrator.errors import UserError
-from orchestrator.interrupts import latched_sigint, raise_if_interrupted
+from orchestrator.interrupts import POLL_S, latched_sigint, raise_if_interrupted
 from orchestrator.plan import BackbonePlan, SweepPlan, check_inputs, content_key, join_uri, make_plan
-from orchestrator.tracking import PARENT_TAG, Tracker, flatten
+from orchestrator.tracking import Tracker, flatten
 
 
 def _say(msg: str) -> None:
@@ -43,6 +43,17 @@ def init_ray() -> None:
     # never a leftover one that Ray would find through /tmp/ray/ray_current_cluster.
     address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, include_dashboard=False, logging_level="ERROR", configure_logging=True)
+
+
+def ray_get(refs: List) -> List:
+    """``ray.get(refs)``, waiting in short polls so that a recorded Ctrl-C stops the driver at once."""
+    import ray
+
+    left = list(refs)
+    while left:
+        _, left = ray.wait(left, num_returns=len(left), timeout=POLL_S)
+        raise_if_interrupted()
+    return ray.get(list(refs))
 
 
 def _is_metric(key: str) -> bool:
@@ -97,9 +108,8 @@ class SweepRunner:
             _say(f"[train] {bb.label}: training {bb.arch} for {bb.train['epochs']} epochs")
             self._ray()
             pending[bb.key] = remote.remote(_bb_dict(bb), plan.num_classes, plan.input_format, id_data)
-        for key, ref in pending.items():
-            results[key] = ray.get(ref)
-            raise_if_interrupted()
+        for key, value in zip(pending, ray_get(list(pending.values()))):
+            results[key] = value
         for bb in plan.backbones:
             r = results[bb.key]
             rid, finished = tracker.child(parent, f"train {bb.label}", {"stage": "train", "backbone": bb.label})
@@ -121,7 +131,6 @@ class SweepRunner:
         from tqdm import tqdm
 
         from ood_core.feature_store import validate_feature_file
-        from ood_core.hooks import LayerSpec
         from tasks.extract import extract_dataset
 
         cfg, plan = self.cfg, self.plan
@@ -146,14 +155,13 @@ class SweepRunner:
             with tqdm(total=len(refs), desc="extract", unit="set", file=sys.stdout) as bar:
                 left = refs
                 while left:
-                    done, left = ray.wait(left, num_returns=1)
-                    ray.get(done)
+                    done, left = ray.wait(left, num_returns=1, timeout=POLL_S)
                     raise_if_interrupted()
+                    ray.get(done)
                     bar.update(len(done))
 
     def context(self, bb: BackbonePlan, det) -> Dict:
         from ood_core.detectors.registry import get_spec
-        from ood_core.hooks import LayerSpec
 
         spec = get_spec(det.type)
         return {
@@ -169,7 +177,7 @@ class SweepRunner:
         from tqdm import tqdm
 
         from ood_core.detectors.registry import get_spec
-        from orchestrator.search import BatchedMLflowCallback, TrialProgress, entry_variants, run_search, select_best
+        from orchestrator.search import BatchedMLflowCallback, TrialProgress, entry_variants, run_search
         from tasks.evaluate import backbone_accuracy, load_scores, tune_trial
 
         cfg, plan = self.cfg, self.plan
@@ -281,9 +289,8 @@ class SweepRunner:
             selected = next(i for i, t in enumerate(trials) if t["params"] == entry_of(best.config)[1])
             uri = search_cache.paths(cfg.storage, skey)["scores"]
             pending.append((skey, trials, selected, remote.remote(contexts[key], trials[selected]["params"], uri)))
-        for skey, trials, selected, ref in pending:
-            ray.get(ref)
-            raise_if_interrupted()
+        ray_get([ref for *_, ref in pending])
+        for skey, trials, selected, _ref in pending:
             search_cache.save(cfg.storage, skey, trials, selected)
 
     def _ray(self) -> None:
