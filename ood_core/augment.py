@@ -43,6 +43,7 @@ class BatchAugment:
         self.std = torch.tensor([float(s) for s in std])
         self.gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self.rotation, self.jitter, self.erase_p = float(rotation), tuple(float(j) for j in jitter), float(erase_p)
+        self._stats_key, self._stats_cache = None, None  # mean / std on the last (device, dtype, channels)
 
     # random numbers on CPU from our generator, then on the device
     def _rand(self, *shape: int, device) -> Tensor:
@@ -51,7 +52,7 @@ class BatchAugment:
     def _stats(self, x: Tensor):
         c = x.shape[1]
         key = (x.device, x.dtype, c)
-        if getattr(self, "_stats_key", None) != key:
+        if self._stats_key != key:
             mean, std = self.mean, self.std
             if len(mean) != c:
                 mean, std = mean[:1].expand(c), std[:1].expand(c)

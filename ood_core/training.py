@@ -16,12 +16,11 @@ history, best weights) is written atomically after every epoch, and training con
 when it exists: a retried task loses at most one epoch and ends with the same weights as an
 uninterrupted run (on CPU, bit for bit).
 
-On CUDA it uses automatic mixed precision (``torch.autocast`` float16 + ``GradScaler``) and the
-channels-last memory format; an in-memory data set (``TensorDataset``, or raw images in an
-``ArrayImageDataset``) small enough (at most a quarter of the free
-GPU memory, 4 GiB at most) is copied to the GPU once and batched there, in the order the shuffling
-``DataLoader`` would give, other data sets go through a
-``DataLoader`` with pinned host memory. On CPU it runs in float32 and is fully
+On CUDA it uses automatic mixed precision (``torch.autocast`` float16 + ``GradScaler``), channels-last
+weights and fused SGD. An in-memory data set (``TensorDataset``, or the raw images of an
+``ArrayImageDataset``) of at most a quarter of the free GPU memory (4 GiB at most) is copied to the GPU
+once and batched there (:class:`DeviceBatches`, in the shuffling ``DataLoader``'s order); other data sets
+go through a ``DataLoader`` with pinned host memory. On CPU it runs in float32 and is fully
 deterministic for a given ``seed`` (shuffling, augmentation and dropout draw from generators seeded
 with it; seed the initial weights with ``build_model(..., seed=...)``).
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
-from .head import parse_head
+from .head import HeadMixin, parse_head
 from .mahalanobis import check_features, id_training_set, require_finite
 from .numerics import one_thread, row_slices, scatter64
 
@@ -22,7 +22,7 @@ def _auto_dim(d_features: int) -> int:
     return max(1, d_features // 2)
 
 
-class ViM(FeaturesDetector):
+class ViM(HeadMixin, FeaturesDetector):
     r"""Virtual-logit Matching on penultimate features :math:`z \in R^D` and the linear head ``(w, b)``.
 
     Fit (ID training features; second moment and eigendecomposition in float64, the residual norms
@@ -82,12 +82,9 @@ class ViM(FeaturesDetector):
         self.alpha: Optional[float] = None
         self.dim: Optional[int] = None  #: the d used in the last fit
 
-    def _require_head(self) -> None:
+    def _require_head(self) -> None:  # ViM takes w= and b= (pytorch-ood's API), not head=
         if self.w is None:
             raise DetectorError("ViM: needs the classifier head; pass w=(C, D) weights and b=(C,) bias")
-
-    def _logits(self, z: Tensor) -> Tensor:
-        return z @ self.w.to(device=z.device, dtype=z.dtype).T + self.b.to(device=z.device, dtype=z.dtype)
 
     @torch.no_grad()
     def fit_features(self, z: Tensor, y: Tensor) -> "ViM":
@@ -118,7 +115,7 @@ class ViM(FeaturesDetector):
         sums = torch.zeros(2, dtype=torch.float64, device=z.device)  # residual norms, max logits
         for rows in row_slices(z):
             sums[0] += (z[rows] - u_w).matmul(basis_w).norm(dim=1).sum(dtype=torch.float64)
-            sums[1] += self._logits(z[rows]).amax(dim=1).sum(dtype=torch.float64)
+            sums[1] += self.logits(z[rows]).amax(dim=1).sum(dtype=torch.float64)
         resid_mean, max_logit_mean = (float(v) / n for v in sums)
         norm_scale = math.sqrt(max(float(torch.diagonal(cov).sum()), 0.0))  # RMS of ||z - u||
         denom = max(resid_mean, 1e-8 * norm_scale + 1e-12)
@@ -141,5 +138,5 @@ class ViM(FeaturesDetector):
         z = check_features(self, z, self.u.shape[0])
         out = z.new_empty(z.shape[0])
         for rows in row_slices(z):  # cache-sized temporaries
-            out[rows] = self.virtual_logit(z[rows]) - torch.logsumexp(self._logits(z[rows]), dim=1)
+            out[rows] = self.virtual_logit(z[rows]) - torch.logsumexp(self.logits(z[rows]), dim=1)
         return out
