@@ -199,13 +199,20 @@ def test_mahalanobis_precision_is_inverse_covariance(clusters):
     torch.testing.assert_close(det.precision @ cov, torch.eye(z.shape[1], dtype=torch.float64), atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("d", [1, 4, 15])
-def test_vim_matches_reference(clusters, d):
-    det = _fitted("ViM", clusters, d=d)
+def test_vim_matches_reference(clusters, d, dtype):
+    """float64 features: the formula, to 1e-4. float32 features (the second moment in float32 like the
+    official code): the same tolerance, except at d = 15, where the split falls between the two
+    smallest eigenvalues (gap 0.12 against a largest eigenvalue of 260): there float32 sums rotate the
+    residual direction, moving scores by ~2e-4 relative (the docstring's caveat), so 1e-3 there."""
+    data = {**clusters, "z": clusters["z"].to(dtype)}
+    det = _fitted("ViM", data, d=d)
+    loose = dtype == torch.float32 and d == 15
     for key in ("z_id", "z_ood"):
-        got = det.predict_features(clusters[key]).double().numpy()
+        got = det.predict_features(clusters[key].to(dtype)).double().numpy()
         ref = ref_vim(clusters["z"], clusters["w"], clusters["b"], d, clusters[key])
-        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(got, ref, rtol=1e-3 if loose else 1e-4, atol=1e-2 if loose else 1e-3)
 
 
 @pytest.mark.parametrize("k,normalize", [(1, True), (5, True), (17, False), (400, True)])

@@ -79,7 +79,7 @@ def _missing(name: str, root: Path, download: bool) -> DataMissingError:
     if name in DOWNLOADERS:
         hint = f"set download: true in its params to fetch it with torchvision, or {HOW[name]} {ROOT_HINT}"
     else:
-        hint = (f"torchvision cannot download it; " if download else "") + f"{HOW[name]} {ROOT_HINT}"
+        hint = ("torchvision cannot download it; " if download else "") + f"{HOW[name]} {ROOT_HINT}"
     return DataMissingError(name, searched, hint)
 
 

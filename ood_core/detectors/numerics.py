@@ -4,9 +4,12 @@
   the whole matrix: ``exact=True`` converts cache-sized row blocks to float64; ``exact=False`` sums row
   blocks in their dtype (torch's cascade summation, ~1e-7 relative) and adds the block sums in float64,
   ~3x faster, for centring where nothing downstream depends on the last bits.
-* :func:`scatter64`: the float64 scatter matrix :math:`\\sum_i (x_i - c)(x_i - c)^\\top` from cache-sized
-  float64 row blocks (no float64 copy of the data: large temporaries cost page faults), computing only
-  the lower-triangular panel blocks (the matrix is symmetric): about 0.6x the flops of ``x.T @ x``.
+* :func:`scatter`: the scatter matrix :math:`\\sum_i (x_i - c)(x_i - c)^\\top` as float64, from cache-sized
+  row blocks (no copy of the data: large temporaries cost page faults), computing only the
+  lower-triangular panel blocks (the matrix is symmetric): about 0.6x the flops of ``x.T @ x``. In float64
+  (:func:`scatter64`, for covariances that get inverted) or in float32: products summed in float32 within
+  a block, blocks summed in float64, about a point near the mean (the "shifted data" algorithm) then
+  moved to ``c`` exactly in float64.
 * :func:`row_slices`: row chunks for predictions whose temporaries would otherwise be large;
   :func:`centred_norms` uses them.
 * :func:`ridge_whitener`: ``L^{-1}`` of a covariance plus a relative ridge (Cholesky, eigenvalue clip fallback).
@@ -92,13 +95,13 @@ def float64_blocks(x: Tensor, center: Optional[Tensor] = None, rows: int = SCATT
         yield s, out
 
 
-def add_scatter_(out: Tensor, x: Tensor) -> Tensor:
-    """``out += x.T @ x`` on and below the diagonal only (``PANEL``-column panels; about 0.6x the flops of
-    the full product for D = 512); :func:`mirror_lower` completes the matrix."""
+def add_scatter_(out: Tensor, x: Tensor, beta: float = 1.0) -> Tensor:
+    """``out = beta * out + x.T @ x`` on and below the diagonal only (``PANEL``-column panels; about 0.6x
+    the flops of the full product for D = 512); :func:`mirror_lower` completes the matrix."""
     d = x.shape[1]
     for a in range(0, d, PANEL):
         b = min(a + PANEL, d)
-        out[a:b, :b].addmm_(x[:, a:b].T, x[:, :b])  # rows a:b of the lower triangle
+        out[a:b, :b].addmm_(x[:, a:b].T, x[:, :b], beta=beta)  # rows a:b of the lower triangle
     return out
 
 
@@ -107,14 +110,45 @@ def mirror_lower(out: Tensor) -> Tensor:
     return torch.tril(out) + torch.tril(out, -1).T
 
 
-def scatter64(x: Tensor, center: Optional[Tensor] = None) -> Tensor:
-    """``sum_i (x_i - c)(x_i - c)^T`` in float64, ``(D, D)``, for ``x`` ``(N, D)`` (``c = 0`` if ``center`` is None):
-    :func:`float64_blocks` and :func:`add_scatter_`."""
-    d = x.shape[1]
+def scatter(x: Tensor, center: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    r"""``sum_i (x_i - c)(x_i - c)^T`` as float64 ``(D, D)`` for ``x`` ``(N, D)`` (``c = 0`` if ``center`` is
+    None), with products in ``dtype`` (default: that of ``x``, float32 at least).
+
+    * float64: :func:`float64_blocks` of ``x - c`` and :func:`add_scatter_`, all in float64.
+    * float32: ``SCATTER_ROWS``-row blocks of ``x - p`` in float32, ``p`` the float32-rounded mean of
+      the first block (any point near the data's centre serves), multiplied in float32 and summed in
+      float64; then the exact move from ``p`` to ``c``,
+      :math:`S_c = S_p + s\,\delta^\top + \delta\, s^\top + N \delta\delta^\top` with
+      :math:`\delta = p - c`, :math:`s = \sum_i (x_i - p)`, in float64. Centring near the mean keeps
+      the float32 partial sums at the spread of the data instead of its offset (the relative error is
+      about that of one float32 dot product over a block, ~1e-7 to 1e-6, not of a sum over all of N).
+    """
+    dtype = dtype or (x.dtype if x.dtype == torch.float64 else torch.float32)
+    n, d = x.shape
     out = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-    for _, blk in float64_blocks(x, center):
-        add_scatter_(out, blk)
-    return mirror_lower(out)
+    if dtype == torch.float64:
+        for _, blk in float64_blocks(x, center):
+            add_scatter_(out, blk)
+        return mirror_lower(out)
+    pivot = mean64(x[:SCATTER_ROWS], exact=False).to(dtype)  # a centre: the first block's mean serves
+    total = torch.zeros(d, dtype=torch.float64, device=x.device)  # s = sum_i (x_i - p)
+    acc = torch.zeros(d, d, dtype=dtype, device=x.device)  # one block's lower panels (upper stays 0)
+    buf = torch.empty(min(SCATTER_ROWS, n), d, dtype=dtype, device=x.device)
+    for s in range(0, n, SCATTER_ROWS):
+        blk = x[s : s + SCATTER_ROWS]
+        xc = buf[: blk.shape[0]]
+        torch.sub(blk, pivot, out=xc)
+        total += xc.sum(dim=0).to(torch.float64)
+        out += add_scatter_(acc, xc, beta=0.0)
+    out = mirror_lower(out)
+    delta = pivot.to(torch.float64) - (0.0 if center is None else center.to(device=x.device, dtype=torch.float64))
+    cross = torch.outer(total, delta)
+    return out.add_(cross + cross.T).add_(torch.outer(delta, delta), alpha=n)  # stays exactly symmetric
+
+
+def scatter64(x: Tensor, center: Optional[Tensor] = None) -> Tensor:
+    """``sum_i (x_i - c)(x_i - c)^T`` in float64 throughout, ``(D, D)``: :func:`scatter` in float64."""
+    return scatter(x, center, torch.float64)
 
 
 def lower_matmul_t(x: Tensor, low: Tensor) -> Tensor:

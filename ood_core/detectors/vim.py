@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Dict, Optional
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -10,7 +10,7 @@ from torch import Tensor
 from ..api import DetectorError, FeaturesDetector, InvalidInputError
 from .head import HeadMixin, parse_head
 from .mahalanobis import check_features, id_training_set, require_finite
-from .numerics import one_thread, row_slices, scatter64
+from .numerics import one_thread, row_slices, scatter
 
 
 def _auto_dim(d_features: int) -> int:
@@ -25,8 +25,9 @@ def _auto_dim(d_features: int) -> int:
 class ViM(HeadMixin, FeaturesDetector):
     r"""Virtual-logit Matching on penultimate features :math:`z \in R^D` and the linear head ``(w, b)``.
 
-    Fit (ID training features; second moment and eigendecomposition in float64, the residual norms
-    that give :math:`\alpha` in the features' dtype, float32 at least):
+    Fit (ID training features, in their precision: float32 features as in the official code, whose
+    ``EmpiricalCovariance(assume_centered=True)`` forms ``X.T @ X`` in float32, and pytorch-ood; float64
+    features give float64 throughout):
 
     * origin :math:`u = -W^{+} b` (pseudo-inverse of the head weights :math:`W \in R^{C\times D}`);
     * principal subspace: the top-:math:`d` eigenvectors of
@@ -43,7 +44,16 @@ class ViM(HeadMixin, FeaturesDetector):
     The paper states the score as the softmax probability of the virtual logit,
     :math:`p_0 = e^{l_0} / (e^{l_0} + \sum_c e^{l_c}) = \sigma(s(x))`: a strictly increasing
     function of :math:`s`, so both rank samples identically (same AUROC/FPR). pytorch-ood 0.4.0
-    computes exactly :math:`s` (up to float32 vs float64 fitting).
+    computes exactly :math:`s`.
+
+    Precision: the second moment is summed in float32 over 2048-row blocks about a point near the
+    mean and the blocks in float64 (:func:`~.numerics.scatter`), then eigendecomposed in float64;
+    pytorch-ood sums all N rows in one float32 product about :math:`u`. Measured against float64
+    throughout (``benchmarks/RESULTS.md``; N = 50,000, D = 512): scores within 1.2e-4 relative, where
+    pytorch-ood's are within 4e-3 to 1.4e-2. Where the eigenvalues at the split :math:`d` nearly
+    coincide, float32 sums rotate the split: with eigengap / largest eigenvalue ~5e-4
+    (``tests/test_detectors.py``, D = 16, d = 15) scores move by ~2.4e-4 relative. Pass float64
+    features for float64 throughout.
 
     Paper: Wang et al., "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022
     (arXiv:2203.10807).
@@ -103,40 +113,53 @@ class ViM(HeadMixin, FeaturesDetector):
         w64 = self.w.to(z.device).double()
         b64 = self.b.to(z.device).double()
         u = -(torch.linalg.pinv(w64) @ b64)
-        # second moment about u in float64: the split at d can have a small eigengap, where float32
-        # sums would rotate the subspace visibly (measured: 2e-3 relative score error at D = 16, d = 15)
-        cov = scatter64(z, u) / n
+        cov = scatter(z, u) / n  # float64 (D, D); products in the features' precision
         require_finite(self, z, torch.diagonal(cov))
         with one_thread(cov):
             _, evecs = torch.linalg.eigh(cov)  # float64, ascending eigenvalues
-        basis = evecs[:, : dim - d].contiguous()  # complement of the top-d eigenvectors
-        # alpha from sums over cache-sized row chunks (float64 sums of the per-sample values)
-        u_w, basis_w = u.to(work), basis.to(work)
-        sums = torch.zeros(2, dtype=torch.float64, device=z.device)  # residual norms, max logits
-        for rows in row_slices(z):
-            sums[0] += (z[rows] - u_w).matmul(basis_w).norm(dim=1).sum(dtype=torch.float64)
-            sums[1] += self.logits(z[rows]).amax(dim=1).sum(dtype=torch.float64)
+        self.u = u
+        self.residual_basis = evecs[:, : dim - d].contiguous()  # complement of the top-d eigenvectors
+        # alpha: float64 sums over cache-sized row chunks of the residual norms and the max logits
+        sums = torch.zeros(2, dtype=torch.float64, device=z.device)
+        projection = self._projection(z)
+        for rows in row_slices(z, width=projection[0].shape[1]):
+            resid, logits = self._project(z[rows], projection)
+            sums[0] += resid.sum(dtype=torch.float64)
+            sums[1] += logits.amax(dim=1).sum(dtype=torch.float64)
         resid_mean, max_logit_mean = (float(v) / n for v in sums)
         norm_scale = math.sqrt(max(float(torch.diagonal(cov).sum()), 0.0))  # RMS of ||z - u||
-        denom = max(resid_mean, 1e-8 * norm_scale + 1e-12)
-        self.alpha = max_logit_mean / denom
-        self.u = u
-        self.residual_basis = basis
+        self.alpha = max_logit_mean / max(resid_mean, 1e-8 * norm_scale + 1e-12)
         self.dim = d
         self._mark_fitted()
         return self
 
+    def _projection(self, z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(B, u, o)`` in the dtype and on the device of ``z``: ``B = [R | W^T]`` ``(D, D-d+C)``, so that one
+        product ``(z - u) B`` gives the residual coordinates and, plus ``o = W u + b``, the logits."""
+        dtype, device = z.dtype, z.device
+        w64 = self.w.to(device).double()
+        both = torch.cat([self.residual_basis.to(device), w64.T], dim=1)
+        offset = w64 @ self.u.to(device) + self.b.to(device).double()
+        return both.to(dtype), self.u.to(device=device, dtype=dtype), offset.to(dtype)
+
+    def _project(self, z: Tensor, projection: Tuple[Tensor, Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+        """``(||R^T (z - u)||, logits)`` of validated features ``(N, D)``."""
+        both, u, offset = projection
+        y = (z - u) @ both
+        k = self.residual_basis.shape[1]
+        return torch.linalg.vector_norm(y[:, :k], dim=1), y[:, k:] + offset
+
     def virtual_logit(self, z: Tensor) -> Tensor:
         """:math:`\\alpha \\lVert R^\\top (z - u) \\rVert` for validated features ``(N, D)``."""
-        dtype, device = z.dtype, z.device
-        x = z - self.u.to(device=device, dtype=dtype)
-        return self.alpha * (x @ self.residual_basis.to(device=device, dtype=dtype)).norm(dim=1)
+        return self.alpha * self._project(z, self._projection(z))[0]
 
     @torch.no_grad()
     def predict_features(self, z: Tensor) -> Tensor:
         self._require_fit()
         z = check_features(self, z, self.u.shape[0])
         out = z.new_empty(z.shape[0])
-        for rows in row_slices(z):  # cache-sized temporaries
-            out[rows] = self.virtual_logit(z[rows]) - torch.logsumexp(self.logits(z[rows]), dim=1)
+        projection = self._projection(z)
+        for rows in row_slices(z, width=projection[0].shape[1]):  # cache-sized temporaries
+            resid, logits = self._project(z[rows], projection)
+            out[rows] = self.alpha * resid - torch.logsumexp(logits, dim=1)
         return out
