@@ -1,4 +1,5 @@
-"""KNN's bfloat16 screen (used on CPUs with AMX) gives the exact search's result.
+"""KNN's bfloat16 screen (CPUs with AMX or AVX512-BF16) gives the exact search's result; near-duplicates
+are ordered by direct differences, one sample at a time as in a batch.
 
 The screen is forced on here (any CPU can run bfloat16 matmuls, just slower), on banks small enough
 for a test, and compared with the float64 brute-force distance to the k-th neighbour.
@@ -78,3 +79,56 @@ def test_screen_not_used_for_large_k_or_float64(screen_on):
     det = KNN(k=1, normalize=False).fit_features(z.double(), y)
     np.testing.assert_allclose(det.predict_features(test.double()).numpy(), _ref(z, test, 1, False), rtol=1e-9)
     assert det._screen is None
+
+
+# -- near-duplicates: the expanded form cannot order them, direct differences do --------------------------
+def _near_duplicates(seed=0):
+    """Training features with clusters of near-duplicates (spread 1e-4 at norm ~4) and queries inside them."""
+    g = torch.Generator().manual_seed(seed)
+    z, y, test = _data(n=600, d=16, n_test=20, seed=seed)
+    centres = z[:3]
+    dups = (centres.repeat_interleave(50, dim=0) + 1e-4 * torch.randn(150, 16, generator=g))
+    z, y = torch.cat([z, dups]), torch.cat([y, torch.zeros(150, dtype=torch.long)])
+    inside = centres.repeat_interleave(4, dim=0) + 3e-5 * torch.randn(12, 16, generator=g)
+    return z, y, torch.cat([test, inside, z[:5]])  # ordinary queries, queries in a cluster, training rows
+
+
+@pytest.mark.parametrize("screen", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 20])
+def test_near_duplicates_accurate_and_batch_independent(monkeypatch, screen, k):
+    monkeypatch.setattr(knn_module, "fast_bf16_matmul", lambda device: screen)
+    monkeypatch.setattr(knn_module, "SCREEN_MIN_BANK", 1)
+    z, y, test = _near_duplicates()
+    det = KNN(k=k, normalize=False).fit_features(z, y)
+    batch = det.predict_features(test)
+    single = torch.cat([det.predict_features(test[i : i + 1]) for i in range(len(test))])
+    torch.testing.assert_close(single, batch, rtol=0, atol=0)
+    # accurate relative to the (tiny) distance itself, not to the features' norm: distances of 1e-4 among
+    # features of norm ~4 within 2e-3 (their float32 ulp is 5e-7; the expanded form alone was off by 90%)
+    np.testing.assert_allclose(batch.double().numpy(), _ref(z, test, k, False), rtol=2e-3, atol=0)
+
+
+def test_near_tie_search_only_for_unresolved_queries(monkeypatch):
+    calls = []
+    resolved = KNN._resolved_kth
+    monkeypatch.setattr(KNN, "_resolved_kth", staticmethod(lambda q, *a: calls.append(q.shape[0]) or resolved(q, *a)))
+    z, y, test = _data(n=2000, d=40, n_test=300)
+    KNN(k=5, normalize=True).fit_features(z, y).predict_features(test)
+    assert calls == []  # well separated neighbours: the expanded form decides
+    z, y, test = _near_duplicates()
+    KNN(k=3, normalize=False).fit_features(z, y).predict_features(test)
+    assert calls == [15]  # the 12 queries inside clusters and the 3 training rows at their centres
+
+
+def test_matmul_error_bound_holds():
+    g = torch.Generator().manual_seed(3)
+    for offset, d in [(0.0, 8), (30.0, 64), (5.0, 512)]:
+        bank = torch.randn(3000, d, generator=g) + offset
+        q = torch.randn(200, d, generator=g) + offset
+        bank_sq = (bank * bank).sum(dim=1)
+        got = torch.addmm(bank_sq, q, bank.T, alpha=-2.0).double()
+        b64, q64 = bank.double(), q.double()
+        exact = (b64 * b64).sum(dim=1) - 2 * q64 @ b64.T
+        bound = knn_module.matmul_error_bound(q, float(bank.double().norm(dim=1).max()))
+        assert bool(((got - exact).abs() <= bound[:, None]).all())
+        assert float(((got - exact).abs() / bound[:, None]).max()) > 1e-4  # the bound is not vacuous

@@ -13,24 +13,38 @@ from .numerics import mean64
 #: upper bound on the elements of one (test chunk x train) distance block (16 MiB of float32: blocks
 #: up to 32 MiB are reused by the allocator, larger ones are mapped anew each time)
 CHUNK_ELEMENTS = 1 << 22
-#: bfloat16 screening (CPUs with AMX): for k <= SCREEN_MAX_K and banks of >= SCREEN_MIN_BANK rows
+#: bfloat16 screening (CPUs with fast bfloat16 matmuls): for k <= SCREEN_MAX_K and banks of >= SCREEN_MIN_BANK rows
 SCREEN_MAX_K = 16
 SCREEN_MIN_BANK = 4096
 #: candidates per query kept by the screen and re-ranked in float32: max(SCREEN_CANDIDATES, 4k + 24)
 SCREEN_CANDIDATES = 32
 #: upper bound on the elements of one (test chunk x train) bfloat16 screening block
 SCREEN_CHUNK_ELEMENTS = 1 << 23
+#: relative error of the k-th squared distance (rounding bound / distance^2) above which a query's
+#: neighbours are re-ordered by direct differences (:meth:`KNN._resolved_kth`): near-duplicates
+TIE_TOLERANCE = 1e-2
 _U16, _U32 = 2.0**-8, 2.0**-24  # unit roundoffs of bfloat16 and float32
 
 
 def fast_bf16_matmul(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls are much faster than float32 ones here (a CPU with AMX tiles)."""
+    """Whether bfloat16 matmuls are much faster than float32 ones here: a CPU with AMX tiles (Intel
+    Sapphire Rapids and later) or AVX512-BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake);
+    measured on a Zen 4 core: 2.4x the float32 throughput."""
     if device.type != "cpu":
         return False
     try:
-        return bool(torch.cpu._is_amx_tile_supported())
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except Exception:  # pragma: no cover - older torch
         return False
+
+
+def matmul_error_bound(q: Tensor, max_norm: float) -> Tensor:
+    r"""Bound (float64, per query) on the rounding error of the expanded squared distance
+    ``|t|^2 - 2 q.t`` in the dtype of ``q`` (``|t| <= max_norm``): :math:`\gamma_{D+2}(T^2 + 2|q|T)`,
+    :math:`\gamma_n = n u / (1 - n u)` (Higham), valid for any summation order."""
+    nu = (q.shape[1] + 2) * torch.finfo(q.dtype).eps / 2
+    qn = q.double().norm(dim=1)
+    return nu / (1 - nu) * (max_norm * max_norm + 2 * qn * max_norm)
 
 
 def _bf16_hi_lo(x: Tensor) -> Tensor:
@@ -90,15 +104,21 @@ class KNN(FeaturesDetector):
     ``CHUNK_ELEMENTS`` (test x train) entries, then ``topk``; both sides are centred on the
     training mean first (distances are translation invariant; this limits cancellation), and the
     distance to the selected :math:`k`-th neighbour is recomputed directly as a norm. Computation
-    is in the input dtype: with ``normalize=False`` and feature norms many orders of magnitude
-    above the neighbour distances, float32 can misorder near neighbours (pass float64 then).
-    Memory stays bounded for any number of test samples; runs on the device of the input.
+    is in the input dtype. Memory stays bounded for any number of test samples; runs on the device
+    of the input.
 
-    On CPUs with AMX (fast bfloat16 matmul), float32 inputs, ``k <= SCREEN_MAX_K`` and banks of at
-    least ``SCREEN_MIN_BANK`` rows, a bfloat16 matmul first screens candidates, which are re-ranked
-    in float32 (:func:`screened_kth`); a rigorous bound on the screen's rounding certifies per query
-    that no other bank row can be closer, and uncertified queries take the exact path above, so the
-    result is that of the exact search (up to float32 near-ties, as there).
+    On CPUs with fast bfloat16 matmuls (:func:`fast_bf16_matmul`), float32 inputs,
+    ``k <= SCREEN_MAX_K`` and banks of at least ``SCREEN_MIN_BANK`` rows, a bfloat16 matmul first
+    screens candidates, which are re-ranked in float32 (:func:`screened_kth`); a rigorous bound on
+    the screen's rounding certifies per query that no other bank row can be closer, and uncertified
+    queries take the exact path above, so the result is that of the exact search.
+
+    Near-duplicates: where the rounding bound of the expanded form (:func:`matmul_error_bound`) exceeds
+    ``TIE_TOLERANCE`` times the selected squared distance, the expanded form cannot order the
+    neighbours (e.g. a query among training features closer to each other than float32 resolves at
+    their norm); those queries are searched again, ordering by direct differences
+    (:meth:`_resolved_kth`). Scores are thus accurate relative to the distance itself, and scoring one
+    sample at a time gives the batch's scores.
 
     Paper: Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors",
     ICML 2022 (arXiv:2204.06507). pytorch-ood 0.4.0 computes the same quantity with
@@ -121,7 +141,8 @@ class KNN(FeaturesDetector):
         self.bank: Optional[Tensor] = None  #: centred (normalised) training features, (N, D)
         self.bank_sq: Optional[Tensor] = None  #: squared norms of ``bank``, (N,)
         self.offset: Optional[Tensor] = None  #: training mean subtracted from both sides, (D,)
-        self._screen: Optional[tuple] = None  #: (bfloat16 screening bank, max row norm), built on demand
+        self.max_norm: float = 0.0  #: upper bound on the norms of ``bank``'s rows
+        self._screen: Optional[Tensor] = None  #: bfloat16 screening bank (:func:`screen_bank`), built on demand
 
     def _prepare(self, z: Tensor) -> Tensor:
         if self.normalize:
@@ -141,6 +162,7 @@ class KNN(FeaturesDetector):
         self.offset = offset
         self.bank = bank
         self.bank_sq = (bank * bank).sum(dim=1)
+        self.max_norm = float(self.bank_sq.max().sqrt()) * (1 + bank.shape[1] * torch.finfo(bank.dtype).eps)
         self._screen = None
         self._mark_fitted()
         return self
@@ -159,7 +181,14 @@ class KNN(FeaturesDetector):
             kth = self._screened(q, bank, bank_sq, k)
         else:
             kth = self._exact_kth(q, bank, bank_sq, k)
-        return (q - bank[kth]).norm(dim=1)  # the selected neighbour's distance, recomputed directly
+        dist = (q - bank[kth]).norm(dim=1)  # the selected neighbour's distance, recomputed directly
+        # near-ties the expanded form cannot order: search those queries again, by direct differences
+        err = matmul_error_bound(q, self.max_norm)
+        unsure = (2 * err > TIE_TOLERANCE * dist.double() ** 2).nonzero().flatten()
+        if unsure.numel():
+            kth[unsure] = self._resolved_kth(q[unsure], bank, bank_sq, k, err[unsure])
+            dist[unsure] = (q[unsure] - bank[kth[unsure]]).norm(dim=1)
+        return dist
 
     @staticmethod
     def _exact_kth(q: Tensor, bank: Tensor, bank_sq: Tensor, k: int) -> Tensor:
@@ -175,18 +204,42 @@ class KNN(FeaturesDetector):
                 out[start : start + rows] = idx.gather(1, vals.argmax(dim=1, keepdim=True))[:, 0]
         return out
 
+    @staticmethod
+    def _resolved_kth(q: Tensor, bank: Tensor, bank_sq: Tensor, k: int, err: Tensor) -> Tensor:
+        r"""Index of the ``k``-th nearest bank row of each query, ordered by direct squared differences
+        :math:`\sum_j (q_j - t_j)^2` (accurate relative to the distance itself).
+
+        Candidates are the rows whose expanded value is within ``2 err`` of the ``k``-th smallest one
+        (``err``: :func:`matmul_error_bound`), a superset of the true ``k`` nearest; only they are
+        compared directly, so a cluster of near-duplicates costs its size, not the bank's."""
+        n = bank.shape[0]
+        rows = max(1, CHUNK_ELEMENTS // max(n, 1))
+        pairs = max(1, CHUNK_ELEMENTS // max(bank.shape[1], 1))
+        out = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
+        for start in range(0, q.shape[0], rows):
+            qs = q[start : start + rows]
+            d2 = torch.addmm(bank_sq, qs, bank.T, alpha=-2.0)
+            limit = d2.kthvalue(k, dim=1).values.double() + 2 * err[start : start + rows]
+            r, c = (d2.double() <= limit[:, None]).nonzero(as_tuple=True)
+            direct = d2.new_full(d2.shape, float("inf"))
+            for p in range(0, r.numel(), pairs):
+                rp, cp = r[p : p + pairs], c[p : p + pairs]
+                direct[rp, cp] = (qs[rp] - bank[cp]).square().sum(dim=1)
+            vals, idx = direct.topk(k, dim=1, largest=False, sorted=False)
+            out[start : start + rows] = idx.gather(1, vals.argmax(dim=1, keepdim=True))[:, 0]
+        return out
+
     def _screened(self, q: Tensor, bank: Tensor, bank_sq: Tensor, k: int) -> Tensor:
         """:func:`screened_kth` in chunks; rows without a certificate are searched exactly."""
-        cache = self._screen
-        if cache is None or cache[0].device != q.device:
-            cache = self._screen = (screen_bank(bank, bank_sq), float(bank_sq.max().sqrt()))
+        if self._screen is None or self._screen.device != q.device:
+            self._screen = screen_bank(bank, bank_sq)
         rows = max(1, SCREEN_CHUNK_ELEMENTS // bank.shape[0])
         out = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
         certified = torch.empty(q.shape[0], dtype=torch.bool, device=q.device)
         certified.fill_(False)
         for start in range(0, q.shape[0], rows):
             sl = slice(start, start + rows)
-            out[sl], certified[sl] = screened_kth(q[sl], bank, bank_sq, cache[0], cache[1], k)
+            out[sl], certified[sl] = screened_kth(q[sl], bank, bank_sq, self._screen, self.max_norm, k)
             if start == 0 and q.shape[0] > rows and float(certified[sl].float().mean()) < 0.5:
                 break  # the screen does not separate these data: search the rest exactly
         retry = (~certified).nonzero().flatten()
