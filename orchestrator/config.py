@@ -63,6 +63,9 @@ class DataConfig(_Strict):
     id: IdDataConfig
     ood_val: List[DataSetConfig] = Field(min_length=1)
     ood_test: OodTestConfig
+    #: auxiliary outliers for detectors trained with them (HeatmapOOD); never scored, and never the
+    #: same data as an OOD validation or test set
+    outliers: List[DataSetConfig] = Field(default_factory=list)
     allow_val_test_overlap: bool = False
 
 
@@ -302,7 +305,7 @@ def validate_semantics(cfg: SweepConfig) -> None:
     _check_dataset("data.id", cfg.data.id.dataset, cfg.data.id.params)
     labels = set()
     for group, sets in (("data.ood_val", cfg.data.ood_val), ("data.ood_test.near", cfg.data.ood_test.near),
-                        ("data.ood_test.far", cfg.data.ood_test.far)):
+                        ("data.ood_test.far", cfg.data.ood_test.far), ("data.outliers", cfg.data.outliers)):
         for i, ds in enumerate(sets):
             _check_dataset(f"{group}[{i}]", ds.dataset, ds.params)
             if ds.label in labels:
@@ -352,6 +355,8 @@ def validate_semantics(cfg: SweepConfig) -> None:
         if det.label in labels:
             raise ConfigError(f"{path}.name: duplicate detector name {det.label!r}")
         labels.add(det.label)
+        if spec.needs_outliers and not cfg.data.outliers:
+            raise ConfigError(f"{path}.type: {spec.name} trains on auxiliary outliers; list them in data.outliers")
         allowed = set(detector_params(spec.name))
         for key in det.params:
             if key not in allowed:
@@ -395,3 +400,9 @@ def _check_leakage(cfg: SweepConfig) -> None:
                 f"data.ood_val[{i}]: same data as {clash} (selection would see the test set); "
                 "use another split, or set data.allow_val_test_overlap: true to accept optimistic results"
             )
+    scored = {**tests, **{_dataset_identity(ds): f"data.ood_val[{i}]" for i, ds in enumerate(cfg.data.ood_val)}}
+    for i, ds in enumerate(cfg.data.outliers):
+        clash = scored.get(_dataset_identity(ds))
+        if clash:
+            raise ConfigError(f"data.outliers[{i}]: same data as {clash} (a detector would train on what it is "
+                              "scored on); use another split")

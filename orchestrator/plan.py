@@ -37,7 +37,7 @@ class DataSetJob:
     """One data set to extract, as the tasks need it (plain data, JSON-able)."""
 
     label: str  # display name, unique in the sweep
-    role: str  # id_train / id_val / id_test / ood_val / near / far
+    role: str  # id_train / id_val / id_test / ood_val / near / far / outlier
     dataset: str
     split: str
     params: Dict
@@ -204,6 +204,13 @@ def _dataset_jobs(cfg: SweepConfig) -> List[DataSetJob]:
     return jobs
 
 
+def outlier_jobs(cfg: SweepConfig) -> List[DataSetJob]:
+    """The auxiliary outlier sets (``data.outliers``): read by the detectors that train on them, never
+    extracted or scored."""
+    return [DataSetJob(ds.label, "outlier", ds.dataset, ds.split, dict(ds.params), cfg.seed)
+            for ds in cfg.data.outliers]
+
+
 def backbone_key(cfg: SweepConfig, bb: BackboneConfig, seed: int, fmt) -> str:
     """Key of a trained backbone; a user checkpoint enters by its path and content hash."""
     source = None
@@ -231,7 +238,8 @@ def check_inputs(cfg: SweepConfig, *, fetch: bool) -> List[str]:
     from ood_core.models import check_weights_available
 
     sets = [(cfg.data.id.dataset, split, cfg.data.id.params) for split in ("train", "val", "test")]
-    sets += [(d.dataset, d.split, d.params) for d in cfg.data.ood_val + cfg.data.ood_test.near + cfg.data.ood_test.far]
+    sets += [(d.dataset, d.split, d.params)
+             for d in cfg.data.ood_val + cfg.data.ood_test.near + cfg.data.ood_test.far + cfg.data.outliers]
     problems = []
     for name, split, params in sets:
         try:

@@ -18,7 +18,7 @@ from orchestrator import artifacts, report, search_cache
 from orchestrator.config import SweepConfig, val_test_overlap
 from orchestrator.errors import UserError
 from orchestrator.interrupts import POLL_S, latched_sigint, raise_if_interrupted
-from orchestrator.plan import BackbonePlan, SweepPlan, check_inputs, content_key, join_uri, make_plan
+from orchestrator.plan import BackbonePlan, SweepPlan, check_inputs, content_key, join_uri, make_plan, outlier_jobs
 from orchestrator.tracking import Tracker, flatten
 
 
@@ -169,6 +169,7 @@ class SweepRunner:
             "backbone": _bb_dict(bb), "num_classes": self.plan.num_classes, "format": self.plan.input_format,
             "sets": {f.dataset.label: {"uri": f.uri, "role": f.dataset.role, "dataset": asdict(f.dataset)}
                      for f in bb.features},
+            "outliers": [{"dataset": asdict(job)} for job in outlier_jobs(self.cfg)] if spec.needs_outliers else [],
             "batch_size": self.cfg.extract.batch_size,
         }
 
@@ -190,7 +191,10 @@ class SweepRunner:
                 space = {k: v for k, v in space.items() if k not in det.params}
                 num_samples = det.num_samples or cfg.search.num_samples
                 key = f"{bb.label}/{det.label}"
-                skey = search_cache.search_key([f.key for f in bb.features], spec.name, det.params, space,
+                inputs = [f.key for f in bb.features]
+                if spec.needs_outliers:  # the outlier sets it trains on
+                    inputs += [content_key(job.spec()) for job in outlier_jobs(cfg)]
+                skey = search_cache.search_key(inputs, spec.name, det.params, space,
                                                num_samples, metric, cfg.seed, cfg.search.algorithm)
                 info[key] = (bb, det, space, skey)
                 runs[key], done = tracker.child(parent, f"{det.label} @ {bb.label}",

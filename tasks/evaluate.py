@@ -40,14 +40,36 @@ def _reps(fs, columns, device):
     return reps
 
 
-def _loader(entry: Dict, fmt: Dict, batch_size: int, device):
-    import torch
-
+def _dataset(entry: Dict, fmt: Dict):
     from ood_core.data import load_dataset
     from tasks.runtime import input_format
 
     ds = entry["dataset"]
-    data = load_dataset(ds["dataset"], split=ds["split"], fmt=input_format(fmt), seed=ds["seed"], **ds["params"])
+    return load_dataset(ds["dataset"], split=ds["split"], fmt=input_format(fmt), seed=ds["seed"], **ds["params"])
+
+
+class _Outliers:
+    """A data set whose labels all read -1: auxiliary outliers in a training loader (pytorch-ood's convention)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        import torch
+
+        return self.data[i][0], torch.tensor(-1)
+
+
+def _loader(entry: Dict, fmt: Dict, batch_size: int, device, outliers=()):
+    """Loader over one data set; with ``outliers`` (entries), those follow it with label -1."""
+    import torch
+
+    data = _dataset(entry, fmt)
+    if outliers:
+        data = torch.utils.data.ConcatDataset([data, *(_Outliers(_dataset(o, fmt)) for o in outliers)])
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
 
 
@@ -71,7 +93,7 @@ def _model_scores(context: Dict, det, spec, device) -> Tuple[Dict[str, np.ndarra
     batch = context.get("batch_size", 256)
     sets = context["sets"]
     if det.requires_fit:
-        train = _loader(sets["id-train"], context["format"], batch, device)
+        train = _loader(sets["id-train"], context["format"], batch, device, context.get("outliers", ()))
         if in_loop:
             det.fit(train)
         else:

@@ -67,6 +67,11 @@ CASES = [
     ("data.ood_val[0]", {"name": "leak", "dataset": "gaussian_noise", "split": "test", "params": {"n": 500}},
      "data.ood_val[0]: same data as data.ood_test.far[0]"),
     ("detectors[1].name", "MaxSoftmax", "detectors[1].name: duplicate detector name"),
+    ("detectors[1]", {"type": "HeatmapOOD"}, "detectors[1].type: HeatmapOOD trains on auxiliary outliers; list them"),
+    ("data.outliers", [{"dataset": "gaussian_noise", "split": "test", "params": {"n": 500}}],
+     "data.outliers[0]: same data as data.ood_test.far[0]"),
+    ("data.outliers", [{"dataset": "sklearn_photos", "split": "val"}], "data.outliers[0]: same data as data.ood_val[1]"),
+    ("data.outliers", [{"dataset": "photos", "split": "train"}], "data.outliers[0].dataset: unknown data set 'photos'"),
 ]
 
 

@@ -8,6 +8,7 @@ from .openmax import OpenMax
 from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
 from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
 from .gram import Gram
+from .heatmap import HeatmapOOD
 from .la_ood import LAOOD, LAOODEarlyExit
 from .multilayer import LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
 from .nac import NACUE
@@ -49,6 +50,7 @@ __all__ = [
     "GradNormKL",
     "MCD",
     "MahalanobisPreprocessed",
+    "HeatmapOOD",
     "TemperatureScaling",
     "KLMatching",
     "Entropy",

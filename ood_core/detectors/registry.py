@@ -31,6 +31,7 @@ from .openmax import OpenMax
 from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
 from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
 from .gram import Gram
+from .heatmap import HeatmapOOD
 from .la_ood import LAOOD, LAOODEarlyExit
 from .multilayer import LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
 from .nac import NACUE
@@ -51,6 +52,8 @@ class DetectorSpec:
     cls: type
     representation: str
     needs_head: bool = False
+    #: trained with auxiliary outliers too (``fit`` sees them with label -1; the sweep's ``data.outliers``)
+    needs_outliers: bool = False
 
     def __post_init__(self):
         if self.representation not in REPRESENTATIONS:
@@ -95,6 +98,7 @@ for _spec in (
     DetectorSpec("GradNormKL", GradNormKL, "model"),
     DetectorSpec("MCD", MCD, "model"),
     DetectorSpec("MahalanobisPreprocessed", MahalanobisPreprocessed, "model"),
+    DetectorSpec("HeatmapOOD", HeatmapOOD, "model", needs_outliers=True),
 ):
     register(_spec)
 
