@@ -132,3 +132,34 @@ def test_matmul_error_bound_holds():
         bound = knn_module.matmul_error_bound(q, float(bank.double().norm(dim=1).max()))
         assert bool(((got - exact).abs() <= bound[:, None]).all())
         assert float(((got - exact).abs() / bound[:, None]).max()) > 1e-4  # the bound is not vacuous
+
+
+# -- NNGuide's screen: the mean of the k largest inner products, certified like KNN's ---------------------
+@pytest.mark.parametrize("k", [1, 10, 16])
+def test_nnguide_screen_equals_exact(monkeypatch, k):
+    import ood_core.detectors.neighbours as nb
+    from ood_core.detectors import NNGuide
+
+    z, y, test = _data(n=3000, d=40, n_test=300)
+    g = torch.Generator().manual_seed(2)
+    head = (torch.randn(5, 40, generator=g), torch.randn(5, generator=g))
+    exact = NNGuide(head=head, k=k).fit_features(z, y).predict_features(test)
+    monkeypatch.setattr(nb, "fast_bf16_matmul", lambda device: True)
+    monkeypatch.setattr(nb, "SCREEN_MIN_BANK", 1)
+    monkeypatch.setattr(nb, "SCREEN_CHUNK_ELEMENTS", 1 << 18)  # several chunks
+    calls = []
+    screen = nb.screened_top_mean
+    monkeypatch.setattr(nb, "screened_top_mean", lambda *a: calls.append(1) or screen(*a))
+    det = NNGuide(head=head, k=k).fit_features(z, y)
+    torch.testing.assert_close(det.predict_features(test), exact, rtol=1e-5, atol=1e-5)
+    assert calls and det._screen is not None
+    # a bank the screen cannot separate (all rows nearly equal): uncertified queries are searched exactly
+    flat = z[:1].repeat(3000, 1) + 1e-4 * torch.randn(3000, 40, generator=g)
+    det = NNGuide(head=head, k=k).fit_features(flat, y)
+    _, certified = screen(det._normalise(test), det.bank, det.bank.to(torch.bfloat16),
+                          float(det.bank.norm(dim=1).max()) * 1.0001, k)
+    assert not bool(certified.any())
+    monkeypatch.setattr(nb, "fast_bf16_matmul", lambda device: False)
+    want = det.predict_features(test)
+    monkeypatch.setattr(nb, "fast_bf16_matmul", lambda device: True)
+    torch.testing.assert_close(det.predict_features(test), want)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..api import FeaturesDetector, InvalidInputError
 from .head import Head, HeadMixin
+from .knn import SCREEN_CANDIDATES, SCREEN_CHUNK_ELEMENTS, SCREEN_MAX_K, SCREEN_MIN_BANK, _U16, _U32, fast_bf16_matmul
 from .logits import LOGIT_SCORES
 from .mahalanobis import check_features
 from .numerics import float64_blocks, mean64
@@ -15,6 +16,29 @@ from .react import percentile
 
 #: upper bound on the elements of one (test chunk x bank) similarity block (16 MiB of float32)
 CHUNK_ELEMENTS = 1 << 22
+
+
+def screened_top_mean(q: Tensor, bank: Tensor, bank16: Tensor, max_norm: float, k: int):
+    """Mean of the ``k`` largest inner products ``q.b`` over bank rows, for float32 queries ``(R, D)``,
+    through a bfloat16 screen with a certificate; returns ``(means, certified)``.
+
+    The bfloat16 product ``q bank16^T`` keeps ``m = max(SCREEN_CANDIDATES, 4k + 24)`` candidates per query,
+    recomputed in float32. Rounding of the screen is bounded rigorously per value by
+    :math:`(3u + 3u^2 + 1.02 D u_{32}) |q| \max_b |b|` (inputs and output in bfloat16, unit roundoff
+    :math:`u = 2^{-8}`; float32 accumulation); a query is certified when the m-th largest screen value plus
+    that bound stays below the k-th largest recomputed value, i.e. no other row can be among the top k.
+    """
+    r, d = q.shape
+    m = min(max(SCREEN_CANDIDATES, 4 * k + 24), bank.shape[0])
+    vals, idx = (q.to(torch.bfloat16) @ bank16.T).topk(m, dim=1, sorted=False)
+    exact = torch.bmm(bank.index_select(0, idx.reshape(-1)).reshape(r, m, d), q[:, :, None])[:, :, 0]
+    top = exact.topk(k, dim=1, sorted=False).values
+    qn = q.double().norm(dim=1) * (1 + d * _U32)
+    a = vals.amin(dim=1).double()
+    a = a + a.abs() * _U16 / (1 - _U16)  # above the unrounded screen value of every other row
+    screen_err = (3 * _U16 + 3 * _U16**2 + 1.02 * d * _U32) * qn * max_norm
+    exact_err = 1.02 * d * _U32 * qn * max_norm
+    return top.mean(dim=1), a + screen_err < top.amin(dim=1).double() - exact_err
 
 
 class NNGuide(HeadMixin, FeaturesDetector):
@@ -29,7 +53,9 @@ class NNGuide(HeadMixin, FeaturesDetector):
 
     where :math:`\mathcal N_k(x)` are the :math:`k` bank entries with the largest inner product
     :math:`\hat z^\top b` (exact search by chunked matmul, at most ``CHUNK_ELEMENTS`` test x bank
-    entries at a time; memory bounded for any number of test samples). The paper builds the bank
+    entries at a time; memory bounded for any number of test samples; on CPUs with fast bfloat16
+    matmuls and ``k <= 16`` a certified bfloat16 screen first, :func:`screened_top_mean`, with the
+    same result). The paper builds the bank
     from a random subset of the training set (1% for ImageNet): fit on a subset to do so.
     Equal to pytorch-ood 0.4.0 and the official code (github.com/roomo7time/nnguide).
 
@@ -51,6 +77,7 @@ class NNGuide(HeadMixin, FeaturesDetector):
         self.k = int(k)
         self._set_head(head)
         self.bank: Optional[Tensor] = None  #: confidence-scaled normalised ID features, (N, D)
+        self._screen: Optional[tuple] = None  #: (bfloat16 bank, bound on its row norms), built on demand
 
     @staticmethod
     def _normalise(z: Tensor) -> Tensor:
@@ -63,6 +90,7 @@ class NNGuide(HeadMixin, FeaturesDetector):
             raise InvalidInputError(f"NNGuide: k={self.k} exceeds the number of ID training samples ({z.shape[0]})")
         z = z.detach()
         self.bank = (self._normalise(z) * torch.logsumexp(self.logits(z), dim=1, keepdim=True)).contiguous()
+        self._screen = None
         self._mark_fitted()
         return self
 
@@ -73,12 +101,40 @@ class NNGuide(HeadMixin, FeaturesDetector):
         dtype, device = z.dtype, z.device
         bank = self.bank.to(device=device, dtype=dtype)
         q = self._normalise(z)
-        rows = max(1, CHUNK_ELEMENTS // max(bank.shape[0], 1))
-        guidance = torch.empty(z.shape[0], dtype=dtype, device=device)
-        for start in range(0, z.shape[0], rows):
-            sims = q[start : start + rows] @ bank.T
-            guidance[start : start + rows] = sims.topk(self.k, dim=1, sorted=False).values.mean(dim=1)
+        if (dtype == torch.float32 and self.k <= SCREEN_MAX_K and bank.shape[0] >= SCREEN_MIN_BANK
+                and fast_bf16_matmul(device)):
+            guidance = self._screened(q, bank)
+        else:
+            guidance = self._exact_guidance(q, bank, self.k)
         return -guidance * torch.logsumexp(self.logits(z), dim=1)
+
+    @staticmethod
+    def _exact_guidance(q: Tensor, bank: Tensor, k: int) -> Tensor:
+        """Mean of the ``k`` largest ``q.b`` per query, by chunked matmul."""
+        rows = max(1, CHUNK_ELEMENTS // max(bank.shape[0], 1))
+        guidance = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
+        for start in range(0, q.shape[0], rows):
+            sims = q[start : start + rows] @ bank.T
+            guidance[start : start + rows] = sims.topk(k, dim=1, sorted=False).values.mean(dim=1)
+        return guidance
+
+    def _screened(self, q: Tensor, bank: Tensor) -> Tensor:
+        """:func:`screened_top_mean` in chunks; queries without a certificate are searched exactly."""
+        if self._screen is None or self._screen[0].device != q.device:
+            self._screen = (bank.to(torch.bfloat16), float(bank.double().norm(dim=1).max()) * 1.0001)
+        bank16, max_norm = self._screen
+        rows = max(1, SCREEN_CHUNK_ELEMENTS // bank.shape[0])
+        guidance = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
+        certified = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+        for start in range(0, q.shape[0], rows):
+            sl = slice(start, start + rows)
+            guidance[sl], certified[sl] = screened_top_mean(q[sl], bank, bank16, max_norm, self.k)
+            if start == 0 and q.shape[0] > rows and float(certified[sl].float().mean()) < 0.5:
+                break  # the screen does not separate these data: search the rest exactly
+        retry = (~certified).nonzero().flatten()
+        if retry.numel():
+            guidance[retry] = self._exact_guidance(q[retry], bank, self.k)
+        return guidance
 
 
 class SHE(HeadMixin, FeaturesDetector):
