@@ -98,7 +98,7 @@ class _Net(nn.Module):
 
 
 MODEL_PARAMS = {"NACUE": {"layers": ["bn1", "conv2"], "m_bins": 20}, "MCD": {"samples": 4, "seed": 0},
-                "ODIN": {"t": 10.0, "eps": 0.002}}
+                "ODIN": {"t": 10.0, "eps": 0.002}, "HeatmapOOD": {"epochs": 3, "width": 16, "latent_dim": 8}}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in REGISTRY.items() if s.representation == "model"))
@@ -115,8 +115,11 @@ def test_model_in_the_loop_detector_runs_on_cuda_and_agrees_with_cpu(name):
         model.to(device)
         det = REGISTRY[name].cls(model, **MODEL_PARAMS.get(name, {}))
         if det.requires_fit:
-            det.fit([(x_train[:32].to(device), y_train[:32].to(device)),
-                     (x_train[32:].to(device), y_train[32:].to(device))])
+            batches = [(x_train[:32], y_train[:32]), (x_train[32:], y_train[32:])]
+            if REGISTRY[name].needs_outliers:  # auxiliary outliers, label -1
+                batches.append((3 * torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(3)),
+                                torch.full((16,), -1)))
+            det.fit([(xb.to(device), yb.to(device)) for xb, yb in batches])
         return det.predict(x.to(device))
 
     cpu, gpu = run("cpu"), run("cuda")

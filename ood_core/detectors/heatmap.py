@@ -98,8 +98,8 @@ class HeatmapOOD(Detector):
     convention: batches ``(x, y)`` with ``y >= 0`` for ID samples and ``y < 0`` for auxiliary outliers.
     The score is per sample (the decoder's batch norms are in eval mode): batch independent.
 
-    Paper: Hornauer & Belagiannis, "Heatmap-based Out-of-Distribution Detection", WACV 2023; official
-    code github.com/jhornauer/heatmap_ood (``../shared/seeds/003_*``). pytorch-ood has no such detector.
+    Paper: Hornauer & Belagiannis, "Heatmap-based Out-of-Distribution Detection", WACV 2023
+    (arXiv:2211.08115); official code github.com/jhornauer/heatmap_ood (``../shared/seeds/003_*``). pytorch-ood has no such detector.
 
     :param model: the classifier, with ``features`` (penultimate) and ``head`` (see ``ood_core.backbones``)
     :param epochs: decoder training epochs

@@ -194,10 +194,18 @@ class KLMatching(LogitsDetector):
         logits = logits.detach()
         n_classes = logits.shape[1]
         pred = logits.argmax(dim=1)  # the argmax of the softmax
-        # class sums of the posteriors in float64, from cache-sized float64 row blocks
+        # class sums of the posteriors: within 4096-row blocks in the logits' dtype, across blocks in float64
+        # (~1e-7 relative in float32)
         sums = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=logits.device)
-        for start, blk in float64_blocks(logits):
-            sums.index_add_(0, pred[start : start + blk.shape[0]], torch.softmax(blk, dim=1))
+        acc = torch.zeros(n_classes, n_classes, dtype=logits.dtype, device=logits.device)
+        for start in range(0, logits.shape[0], 4096):
+            blk = logits[start : start + 4096]
+            if n_classes < 32:  # torch.softmax is slow on short rows: 4.6 ms for 50,000 x 10, exp/max/sum 1.2 ms
+                p = torch.exp(blk - blk.amax(dim=1, keepdim=True))
+                p /= p.sum(dim=1, keepdim=True)
+            else:
+                p = torch.softmax(blk, dim=1)
+            sums += acc.zero_().index_add_(0, pred[start : start + 4096], p)
         counts = torch.bincount(pred, minlength=n_classes)
         present = counts > 0
         self.templates = sums[present] / counts[present, None].to(sums.dtype)
@@ -212,8 +220,15 @@ class KLMatching(LogitsDetector):
         dtype = logits.dtype
         floor = math.log(torch.finfo(dtype).tiny)
         log_d = self.templates.to(logits.device).log().clamp(min=floor).to(dtype)
-        log_p = torch.log_softmax(logits, dim=1)
-        p = log_p.exp()
+        if logits.shape[1] < 32:  # as in fit: torch's (log_)softmax is slow on short rows
+            shifted = logits - logits.amax(dim=1, keepdim=True)
+            p = shifted.exp()
+            total = p.sum(dim=1, keepdim=True)
+            log_p = shifted.sub_(total.log())
+            p /= total
+        else:
+            log_p = torch.log_softmax(logits, dim=1)
+            p = log_p.exp()
         kl = (p * log_p).sum(dim=1, keepdim=True) - p @ log_d.T
         return kl.min(dim=1).values
 
