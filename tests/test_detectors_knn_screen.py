@@ -146,7 +146,7 @@ def test_nnguide_screen_equals_exact(monkeypatch, k):
     exact = NNGuide(head=head, k=k).fit_features(z, y).predict_features(test)
     monkeypatch.setattr(nb, "fast_bf16_matmul", lambda device: True)
     monkeypatch.setattr(nb, "SCREEN_MIN_BANK", 1)
-    monkeypatch.setattr(nb, "SCREEN_CHUNK_ELEMENTS", 1 << 18)  # several chunks
+    monkeypatch.setattr(knn_module, "SCREEN_CHUNK_ELEMENTS", 1 << 18)  # several chunks
     calls = []
     screen = nb.screened_top_mean
     monkeypatch.setattr(nb, "screened_top_mean", lambda *a: calls.append(1) or screen(*a))

@@ -47,6 +47,24 @@ def matmul_error_bound(q: Tensor, max_norm: float) -> Tensor:
     return nu / (1 - nu) * (max_norm * max_norm + 2 * qn * max_norm)
 
 
+def screen_in_chunks(q: Tensor, bank_rows: int, out: Tensor, screen: Callable, exact: Callable) -> Tensor:
+    """Fill ``out`` (one entry per query row of ``q``) from ``screen(rows) -> (values, certified)`` over chunks
+    of at most ``SCREEN_CHUNK_ELEMENTS`` (query x bank) entries, then ``exact(rows)`` for the queries left
+    uncertified. When under half of the first chunk is certified the screen does not separate these data,
+    and the rest is searched exactly."""
+    rows = max(1, SCREEN_CHUNK_ELEMENTS // bank_rows)
+    certified = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+    for start in range(0, q.shape[0], rows):
+        sl = slice(start, start + rows)
+        out[sl], certified[sl] = screen(q[sl])
+        if start == 0 and q.shape[0] > rows and float(certified[sl].float().mean()) < 0.5:
+            break
+    retry = (~certified).nonzero().flatten()
+    if retry.numel():
+        out[retry] = exact(q[retry])
+    return out
+
+
 def _bf16_hi_lo(x: Tensor) -> Tensor:
     """``x`` (float32, ``(N,)``) as two bfloat16 columns whose sum is ``x`` to ~2^-16 relative."""
     hi = x.to(torch.bfloat16)
@@ -233,16 +251,7 @@ class KNN(FeaturesDetector):
         """:func:`screened_kth` in chunks; rows without a certificate are searched exactly."""
         if self._screen is None or self._screen.device != q.device:
             self._screen = screen_bank(bank, bank_sq)
-        rows = max(1, SCREEN_CHUNK_ELEMENTS // bank.shape[0])
         out = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
-        certified = torch.empty(q.shape[0], dtype=torch.bool, device=q.device)
-        certified.fill_(False)
-        for start in range(0, q.shape[0], rows):
-            sl = slice(start, start + rows)
-            out[sl], certified[sl] = screened_kth(q[sl], bank, bank_sq, self._screen, self.max_norm, k)
-            if start == 0 and q.shape[0] > rows and float(certified[sl].float().mean()) < 0.5:
-                break  # the screen does not separate these data: search the rest exactly
-        retry = (~certified).nonzero().flatten()
-        if retry.numel():
-            out[retry] = self._exact_kth(q[retry], bank, bank_sq, k)
-        return out
+        return screen_in_chunks(q, bank.shape[0], out,
+                                lambda rows: screened_kth(rows, bank, bank_sq, self._screen, self.max_norm, k),
+                                lambda rows: self._exact_kth(rows, bank, bank_sq, k))

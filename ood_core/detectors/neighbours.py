@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..api import FeaturesDetector, InvalidInputError
 from .head import Head, HeadMixin
-from .knn import SCREEN_CANDIDATES, SCREEN_CHUNK_ELEMENTS, SCREEN_MAX_K, SCREEN_MIN_BANK, _U16, _U32, fast_bf16_matmul
+from .knn import SCREEN_CANDIDATES, SCREEN_MAX_K, SCREEN_MIN_BANK, _U16, _U32, fast_bf16_matmul, screen_in_chunks
 from .logits import LOGIT_SCORES
 from .mahalanobis import check_features
 from .numerics import float64_blocks, mean64
@@ -123,18 +123,9 @@ class NNGuide(HeadMixin, FeaturesDetector):
         if self._screen is None or self._screen[0].device != q.device:
             self._screen = (bank.to(torch.bfloat16), float(bank.double().norm(dim=1).max()) * 1.0001)
         bank16, max_norm = self._screen
-        rows = max(1, SCREEN_CHUNK_ELEMENTS // bank.shape[0])
-        guidance = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
-        certified = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
-        for start in range(0, q.shape[0], rows):
-            sl = slice(start, start + rows)
-            guidance[sl], certified[sl] = screened_top_mean(q[sl], bank, bank16, max_norm, self.k)
-            if start == 0 and q.shape[0] > rows and float(certified[sl].float().mean()) < 0.5:
-                break  # the screen does not separate these data: search the rest exactly
-        retry = (~certified).nonzero().flatten()
-        if retry.numel():
-            guidance[retry] = self._exact_guidance(q[retry], bank, self.k)
-        return guidance
+        return screen_in_chunks(q, bank.shape[0], torch.empty(q.shape[0], dtype=q.dtype, device=q.device),
+                                lambda rows: screened_top_mean(rows, bank, bank16, max_norm, self.k),
+                                lambda rows: self._exact_guidance(rows, bank, self.k))
 
 
 class SHE(HeadMixin, FeaturesDetector):
