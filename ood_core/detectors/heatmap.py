@@ -99,7 +99,8 @@ class HeatmapOOD(Detector):
     The score is per sample (the decoder's batch norms are in eval mode): batch independent.
 
     Paper: Hornauer & Belagiannis, "Heatmap-based Out-of-Distribution Detection", WACV 2023
-    (arXiv:2211.08115); official code github.com/jhornauer/heatmap_ood (``../shared/seeds/003_*``). pytorch-ood has no such detector.
+    (arXiv:2211.08115); official code github.com/jhornauer/heatmap_ood (``../shared/seeds/003_*``).
+    pytorch-ood has no such detector.
 
     :param model: the classifier, with ``features`` (penultimate) and ``head`` (see ``ood_core.backbones``)
     :param epochs: decoder training epochs
@@ -172,6 +173,7 @@ class HeatmapOOD(Detector):
         classifier's predictions ``pred`` ``(N,)`` and labels ``y`` (``< 0``: auxiliary outlier)."""
         x = check_input(self, x, ndim=4, name="inputs")
         z = check_input(self, z, ndim=2, name="features")
+        pred, y = pred.to(x.device), torch.as_tensor(y, device=x.device)
         ood = y < 0
         n_id, n_ood = int((~ood).sum()), int(ood.sum())
         if n_id == 0:
@@ -192,8 +194,8 @@ class HeatmapOOD(Detector):
         targets = torch.cat([id_idx, proto])
 
         device = x.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):  # the decoder is initialised on the CPU, then moved
+            torch.random.default_generator.manual_seed(self.seed)
             num_classes = self._num_classes() or int(pred.max()) + 1
             self.decoder = HeatmapDecoder(z.shape[1], num_classes, tuple(x.shape[1:]), self.width,
                                           self.latent_dim).to(device)
