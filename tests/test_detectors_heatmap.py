@@ -175,3 +175,17 @@ def test_task_loader_labels_outliers_minus_one():
                      [entry("gaussian_noise", "train", n=30)])
     ys = t.cat([y for _, y in loader])
     assert int((ys == -1).sum()) == 30 and bool((ys[:-30] >= 0).all()) and bool((ys[-30:] == -1).all())
+
+
+def test_constant_features_and_duplicated_rows_give_finite_scores():
+    flat = Net()
+    with torch.no_grad():
+        flat.conv.weight.zero_()
+        flat.conv.bias.fill_(0.5)  # every input has the same features: max = min
+    flat.eval()
+    x_id, y_id = _images(20, "id", 0)
+    x_ood, y_ood = _images(10, "ood", 1)
+    x = torch.cat([x_id, x_id, x_ood])  # duplicated ID rows
+    y = torch.cat([y_id, y_id, y_ood])
+    det = HeatmapOOD(flat, epochs=2, width=8, latent_dim=4).fit([(x, y)])
+    assert det.z_min == det.z_max and bool(torch.isfinite(det.predict(x)).all())
