@@ -43,7 +43,7 @@ def matmul_error_bound(q: Tensor, max_norm: float) -> Tensor:
     ``|t|^2 - 2 q.t`` in the dtype of ``q`` (``|t| <= max_norm``): :math:`\gamma_{D+2}(T^2 + 2|q|T)`,
     :math:`\gamma_n = n u / (1 - n u)` (Higham), valid for any summation order."""
     nu = (q.shape[1] + 2) * torch.finfo(q.dtype).eps / 2
-    qn = q.double().norm(dim=1)
+    qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float64)
     return nu / (1 - nu) * (max_norm * max_norm + 2 * qn * max_norm)
 
 

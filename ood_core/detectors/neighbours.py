@@ -33,7 +33,7 @@ def screened_top_mean(q: Tensor, bank: Tensor, bank16: Tensor, max_norm: float, 
     vals, idx = (q.to(torch.bfloat16) @ bank16.T).topk(m, dim=1, sorted=False)
     exact = torch.bmm(bank.index_select(0, idx.reshape(-1)).reshape(r, m, d), q[:, :, None])[:, :, 0]
     top = exact.topk(k, dim=1, sorted=False).values
-    qn = q.double().norm(dim=1) * (1 + d * _U32)
+    qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float64) * (1 + d * _U32)
     a = vals.amin(dim=1).double()
     a = a + a.abs() * _U16 / (1 - _U16)  # above the unrounded screen value of every other row
     screen_err = (3 * _U16 + 3 * _U16**2 + 1.02 * d * _U32) * qn * max_norm
