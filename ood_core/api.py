@@ -18,10 +18,15 @@ Detectors run on the device of their inputs; ``to(device)`` moves their fitted s
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, Optional
+import copy
+import functools
+import inspect
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .constraints import Param, ParameterError, check_params
 
 
 class DetectorError(Exception):
@@ -68,21 +73,120 @@ def check_input(detector: "Detector", x: Tensor, ndim: Optional[int] = None, nam
     return x
 
 
-class Detector:
-    """Root of the detector API.
+def _checked_init(init):
+    """Wrap a detector's ``__init__``: pytorch-ood's keyword aliases are mapped to ours, and the values
+    passed (defaults included) are checked against ``parameter_constraints`` before ``__init__`` stores
+    them. Only the outermost constructor of a ``super().__init__`` chain checks."""
+    sig = inspect.signature(init)
 
-    Subclasses set :attr:`requires_fit` and :attr:`default_search_space` (a mapping of
-    constructor argument → search spec, see ``orchestrator.search``) and implement
-    ``predict``; representation-specific subclasses add their own methods.
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        if self.__dict__.get("_initialising"):
+            return init(self, *args, **kwargs)
+        cls = type(self)
+        for alias, name in cls.aliases.items():
+            if alias in kwargs and alias not in sig.parameters:
+                if name in kwargs:
+                    raise TypeError(f"{cls.__name__}: give {name}= or {alias}=, not both")
+                kwargs[name] = kwargs.pop(alias)
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError as exc:
+            accepted = ", ".join(n for n in sig.parameters if n != "self")
+            raise TypeError(f"{cls.__name__}: {exc}; accepted: {accepted}") from None
+        bound.apply_defaults()
+        cls.check_params({k: v for k, v in bound.arguments.items() if k != "self"})
+        self.__dict__["_initialising"] = True
+        try:
+            init(*bound.args, **bound.kwargs)
+        finally:
+            self.__dict__.pop("_initialising", None)
+
+    wrapper._contract_wrapped = True
+    return wrapper
+
+
+
+class Detector:
+    """Root of the detector API: the declared contract, and the machinery every detector shares.
+
+    A subclass declares, once, as class attributes:
+
+    * :attr:`representation`: what it consumes (``"logits"``, ``"features"``, ``"feature_maps"``,
+      ``"layers"`` or ``"model"``: the network in the loop);
+    * :attr:`needs_head` / :attr:`needs_outliers`: whether it needs the classifier head ``(w, b)`` /
+      auxiliary outliers in ``fit`` (label < 0);
+    * :attr:`parameter_constraints`: each hyperparameter's :class:`~ood_core.constraints.Param`
+      (type, range, options, bounds relative to the data ``D`` / ``C`` / ``N`` / ``L``, structural or not);
+    * :attr:`default_search_space` (``orchestrator.search`` specs), adapted to the data by
+      :meth:`search_space`;
+    * :attr:`aliases`: pytorch-ood's keyword names accepted for ours (``backbone`` for ``model`` ...).
+
+    ``__init__`` only stores its arguments. The values passed are checked against the declared
+    constraints when the object is built (one place, here); the data-relative bounds are checked in
+    ``fit`` (:meth:`check_data`) and by the sweep's plan before any training.
     """
 
+    representation: ClassVar[str] = "model"
+    needs_head: ClassVar[bool] = False
+    needs_outliers: ClassVar[bool] = False
     requires_fit: ClassVar[bool] = False
+    parameter_constraints: ClassVar[Dict[str, Param]] = {}
     #: hyperparameter name -> search spec, e.g. ``{"t": {"grid": [1, 10, 100]}}``
     default_search_space: ClassVar[Dict[str, Any]] = {}
+    #: keyword aliases accepted by the constructor (pytorch-ood's names) -> our names
+    aliases: ClassVar[Dict[str, str]] = {"backbone": "model", "encoder": "model"}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_contract_wrapped", False):
+            cls.__init__ = _checked_init(init)
 
     def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None):
         self.model = model
         self._fitted = False
+
+    # -- the contract ------------------------------------------------------------------------
+    @classmethod
+    def hyperparameters(cls) -> List[str]:
+        """Names of the declared hyperparameters (constructor arguments that are not wiring)."""
+        return list(cls.parameter_constraints)
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any], data: Optional[Mapping[str, int]] = None) -> None:
+        """Raise :class:`~ood_core.constraints.ParameterError` for a value its declaration refuses
+        (with ``data``, also the bounds relative to ``D`` / ``C`` / ``N`` / ``L``)."""
+        check_params(cls.__name__, cls.parameter_constraints, params, data)
+
+    def get_params(self) -> Dict[str, Any]:
+        """The declared hyperparameters' current values."""
+        return {name: getattr(self, name) for name in self.parameter_constraints if hasattr(self, name)}
+
+    def check_data(self, **data: Optional[int]) -> None:
+        """Check the hyperparameters against the data being fitted (``D=``, ``C=``, ``N=``, ``L=``)."""
+        type(self).check_params(self.get_params(), {k: v for k, v in data.items() if v is not None})
+
+    @classmethod
+    def search_space(cls, data: Optional[Mapping[str, int]] = None) -> Dict[str, Any]:
+        """The default search space for ``data`` (``D``, ``C``, ``N``, ``L``): grid and choice values that
+        do not fit the data are left out (OpenOOD's grids are kept where they fit). A detector whose
+        grid must be rescaled rather than cut overrides this."""
+        space = copy.deepcopy(cls.default_search_space)
+        if not data:
+            return space
+        for name, spec in list(space.items()):
+            decl = cls.parameter_constraints.get(name)
+            if decl is None or not isinstance(spec, dict) or len(spec) != 1:
+                continue
+            kind, values = next(iter(spec.items()))
+            if kind in ("grid", "choice"):
+                kept = [v for v in values if decl.problem(v, data) is None]
+                if kept:
+                    space[name] = {kind: kept}
+                else:
+                    del space[name]  # nothing fits: the constructor's default applies
+        return space
 
     # -- generic API -----------------------------------------------------------------
     def __call__(self, x: Tensor) -> Tensor:
@@ -94,6 +198,51 @@ class Detector:
 
     def predict(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- input checks, shared by every detector ----------------------------------------
+    def _input(self, x, ndim: Optional[int] = 2, name: str = "input", finite: bool = True) -> Tensor:
+        """``x`` as a floating tensor of ``ndim`` dimensions, all finite, and (after a fit) of the fitted
+        width :attr:`n_features_in_`; :class:`InvalidInputError` naming the class otherwise."""
+        x = check_input(self, x, ndim=ndim, name=name, finite=finite)
+        width = getattr(self, "n_features_in_", None)
+        if width is not None and x.ndim >= 2 and x.shape[1] != width:
+            raise InvalidInputError(f"{type(self).__name__}: {name} have width {x.shape[1]}, but the detector "
+                                    f"was fitted / built for width {width}")
+        return x
+
+    def _training_input(self, x, y, ndim: Optional[int] = 2, name: str = "input",
+                        finite: bool = True) -> Tuple[Tensor, Tensor]:
+        """Validated ID training rows ``(x, y)``: rows labelled < 0 (auxiliary outliers) dropped; sets
+        :attr:`n_features_in_` and checks the data-relative constraints (``D``, ``N``, ``C``)."""
+        label = type(self).__name__
+        x = check_input(self, x, ndim=ndim, name=name, finite=finite)
+        if y is None:
+            y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        y = torch.as_tensor(y, device=x.device)
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise InvalidInputError(f"{label}: labels must have shape ({x.shape[0]},) to match {name}, "
+                                    f"got {tuple(y.shape)}")
+        if torch.is_floating_point(y):
+            if y.numel() and not (torch.isfinite(y).all() and (y == y.round()).all()):
+                raise InvalidInputError(f"{label}: labels must be integers")
+        y = y.long()
+        known = y >= 0
+        if not bool(known.all()):
+            x, y = x[known], y[known]
+        if x.shape[0] == 0:
+            raise InvalidInputError(f"{label}: no in-distribution samples (labels >= 0) to fit on")
+        if x.ndim >= 2 and x.shape[1] == 0:
+            raise InvalidInputError(f"{label}: {name} have zero dimensions")
+        width = x.shape[1] if x.ndim >= 2 else None
+        head = getattr(self, "w", None)
+        if self.needs_head and isinstance(head, Tensor) and width is not None and head.shape[1] != width:
+            raise InvalidInputError(f"{label}: {name} have dimension {width}, head weights expect {head.shape[1]}")
+        classes = head.shape[0] if isinstance(head, Tensor) else (int(y.max()) + 1 if y.numel() else None)
+        if self.representation == "logits" and width is not None:
+            classes = width
+        self.check_data(D=width, C=classes, N=x.shape[0])
+        self.n_features_in_ = width
+        return x, y
 
     # -- state helpers -----------------------------------------------------------------
     def _require_model(self) -> Callable[[Tensor], Tensor]:
@@ -154,74 +303,95 @@ class Detector:
         return torch.cat(outs), torch.cat(ys)
 
 
-class LogitsDetector(Detector):
+class _OneInputDetector(Detector):
+    """Detectors that read one tensor per sample. Subclasses implement the formula: ``_fit(x, y)`` on
+    validated ID training rows (when the detector has state) and ``_score(x)`` on validated rows; the
+    representation methods do the input checks, the fitted flag and the data-relative constraints once,
+    here."""
+
+    _ndim: ClassVar[Optional[int]] = 2
+    _input_name: ClassVar[str] = "input"
+    #: the representation methods' suffix (``fit_<_method>`` / ``predict_<_method>``)
+    _method: ClassVar[str] = "features"
+
+    def _fit_input(self, x: Tensor, y: Optional[Tensor]) -> "Detector":
+        x, y = self._training_input(x, y, ndim=self._ndim, name=self._input_name)
+        with torch.no_grad():
+            self._fit(x, y)
+        self._mark_fitted()
+        return self
+
+    def _predict_input(self, x: Tensor) -> Tensor:
+        self._require_fit()
+        return self._score(self._input(x, ndim=self._ndim, name=self._input_name))
+
+    def _fit(self, x: Tensor, y: Tensor) -> None:
+        """Fit the state from validated ID training rows (nothing by default)."""
+
+    def _score(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fit(self, data_loader) -> "Detector":
+        """Fit on a loader of ``(x, y)`` batches through ``model`` (its output is the representation)."""
+        if not self.requires_fit:
+            return self
+        x, y = self._collect(data_loader, self._require_model())
+        return getattr(self, f"fit_{self._method}")(x, y)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        return getattr(self, f"predict_{self._method}")(self._require_model()(x))
+
+
+class LogitsDetector(_OneInputDetector):
     """Detectors whose representation is the logit vector ``f(x) ∈ R^C``."""
 
-    def fit_logits(self, logits: Tensor, y: Tensor) -> "LogitsDetector":
-        self._mark_fitted()
-        return self
+    representation: ClassVar[str] = "logits"
+    _method: ClassVar[str] = "logits"
+    _ndim: ClassVar[Optional[int]] = 2
+    _input_name: ClassVar[str] = "logits"
 
-    def predict_logits(self, logits: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def fit_logits(self, logits: Tensor, y: Optional[Tensor] = None) -> "LogitsDetector":
+        return self._fit_input(logits, y)
 
-    def fit(self, data_loader) -> "LogitsDetector":
-        if not self.requires_fit:
-            return self
-        model = self._require_model()
-        logits, y = self._collect(data_loader, model)
-        return self.fit_logits(logits, y)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        return self.predict_logits(self._require_model()(x))
+    def predict_logits(self, logits: Tensor) -> Tensor:
+        return self._predict_input(logits)
 
 
-class FeaturesDetector(Detector):
+class FeaturesDetector(_OneInputDetector):
     """Detectors whose representation is one feature vector per sample ``z ∈ R^D``."""
 
-    def fit_features(self, z: Tensor, y: Tensor) -> "FeaturesDetector":
-        self._mark_fitted()
-        return self
+    representation: ClassVar[str] = "features"
+    _method: ClassVar[str] = "features"
+    _ndim: ClassVar[Optional[int]] = 2
+    _input_name: ClassVar[str] = "features"
 
-    def predict_features(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def fit_features(self, features: Tensor, y: Optional[Tensor] = None) -> "FeaturesDetector":
+        return self._fit_input(features, y)
 
-    def fit(self, data_loader) -> "FeaturesDetector":
-        if not self.requires_fit:
-            return self
-        model = self._require_model()
-        z, y = self._collect(data_loader, model)
-        return self.fit_features(z, y)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        return self.predict_features(self._require_model()(x))
+    def predict_features(self, features: Tensor) -> Tensor:
+        return self._predict_input(features)
 
 
-class FeatureMapsDetector(Detector):
+class FeatureMapsDetector(_OneInputDetector):
     """Detectors whose representation is a feature map ``(N, C, H, W)`` (or a pooled ``(N, D)``)."""
 
-    def fit_feature_maps(self, feature_maps: Tensor, y: Tensor) -> "FeatureMapsDetector":
-        self._mark_fitted()
-        return self
+    representation: ClassVar[str] = "feature_maps"
+    _method: ClassVar[str] = "feature_maps"
+    _ndim: ClassVar[Optional[int]] = None
+    _input_name: ClassVar[str] = "feature maps"
 
-    def predict_feature_maps(self, feature_maps: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def fit_feature_maps(self, feature_maps: Tensor, y: Optional[Tensor] = None) -> "FeatureMapsDetector":
+        return self._fit_input(feature_maps, y)
 
-    def fit(self, data_loader) -> "FeatureMapsDetector":
-        if not self.requires_fit:
-            return self
-        model = self._require_model()
-        f, y = self._collect(data_loader, model)
-        return self.fit_feature_maps(f, y)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        return self.predict_feature_maps(self._require_model()(x))
+    def predict_feature_maps(self, feature_maps: Tensor) -> Tensor:
+        return self._predict_input(feature_maps)
 
 
 class StructuredDetector(Detector):
     """Detectors whose representation is structured (several layers, logits + features ...)."""
+
+    representation: ClassVar[str] = "layers"
 
     def fit_structured(self, *args, **kwargs) -> "StructuredDetector":
         self._mark_fitted()

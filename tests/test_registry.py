@@ -58,8 +58,11 @@ def test_registry_contents():
 def test_spec_is_frozen_and_validates_representation():
     with pytest.raises(Exception):
         REGISTRY["KNN"].name = "other"
+    class Pixels(KNN):
+        representation = "pixels"
+
     with pytest.raises(ValueError, match="unknown representation"):
-        DetectorSpec("X", KNN, "pixels")
+        DetectorSpec("X", Pixels)
 
 
 def test_get_spec_case_insensitive_and_clear_key_error():
@@ -160,13 +163,12 @@ def test_unregistered_detector_and_register():
 
     with pytest.raises(KeyError, match="not a registered detector"):
         score_detector(Custom(), {"features": torch.ones(2, 3)})
-    spec = DetectorSpec("CustomTestDetector", Custom, "features")
     try:
-        register(spec)
+        spec = register(Custom, "CustomTestDetector")
         assert get_spec("customtestdetector") is spec
         torch.testing.assert_close(score_detector(Custom(), {"features": torch.ones(2, 3)}), torch.full((2,), 3.0))
         with pytest.raises(ValueError, match="already registered"):
-            register(DetectorSpec("customTestDetector", KNN, "features"))
+            register(KNN, "customTestDetector")
     finally:
         REGISTRY.pop("CustomTestDetector", None)
 
@@ -176,8 +178,7 @@ def test_model_representation_cannot_use_cached_reps():
         def predict(self, x):
             return x
 
-    spec = DetectorSpec("InLoopTestDetector", InLoop, "model")
-    register(spec)
+    register(InLoop, "InLoopTestDetector")
     try:
         with pytest.raises(ValueError, match="model in the loop"):
             score_detector(InLoop(), {"features": torch.ones(2, 3)})

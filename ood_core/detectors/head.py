@@ -5,7 +5,7 @@ detached, in float32, and logits are computed in the dtype and on the device of 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import ClassVar, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,7 @@ def parse_head(detector: str, head: Head) -> Tuple[Optional[Tensor], Optional[Te
 class HeadMixin:
     """Holds the classifier head ``w (C, D)``, ``b (C,)`` and computes logits in the input's dtype."""
 
+    needs_head: ClassVar[bool] = True
     w: Optional[Tensor]
     b: Optional[Tensor]
 

@@ -113,6 +113,7 @@ class HeatmapOOD(Detector):
     """
 
     requires_fit: ClassVar[bool] = True
+    needs_outliers: ClassVar[bool] = True
     default_search_space: ClassVar[Dict[str, Any]] = {}
 
     def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, epochs: int = 150, lr: float = 2e-4,

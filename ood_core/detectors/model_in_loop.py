@@ -351,6 +351,7 @@ class MahalanobisPreprocessed(Mahalanobis):
     :param norm_std: per-channel std of the input normalisation
     """
 
+    representation: ClassVar[str] = "model"
     requires_fit: ClassVar[bool] = True
     default_search_space: ClassVar[Dict[str, Any]] = {
         "eps": {"grid": [0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01]}}

@@ -69,6 +69,7 @@ class NACUE(StructuredDetector):
     """
 
     requires_fit: ClassVar[bool] = True
+    representation: ClassVar[str] = "model"
     default_search_space: ClassVar[Dict[str, Any]] = {
         "alpha": {"grid": [10, 100, 1000]},
         "o_star": {"grid": [10, 50, 100]},

@@ -41,34 +41,47 @@ from .vim import ViM
 
 REPRESENTATIONS = ("logits", "features", "feature_maps", "layers", "model")
 #: constructor arguments that are wiring, not hyperparameters
-_WIRING = {"self", "model", "head", "w", "b"}
+_WIRING = {"self", "model", "head", "w", "b", "backbone", "encoder"}
 
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    """How the sweep builds, fits and scores one detector class."""
+    """How the sweep builds, fits and scores one detector class: read from the class's declared contract."""
 
     name: str
     cls: type
-    representation: str
-    needs_head: bool = False
-    #: trained with auxiliary outliers too (``fit`` sees them with label -1; the sweep's ``data.outliers``)
-    needs_outliers: bool = False
 
     def __post_init__(self):
         if self.representation not in REPRESENTATIONS:
             raise ValueError(f"{self.name}: unknown representation {self.representation!r}; one of {REPRESENTATIONS}")
 
     @property
+    def representation(self) -> str:
+        return self.cls.representation
+
+    @property
+    def needs_head(self) -> bool:
+        return self.cls.needs_head
+
+    @property
+    def needs_outliers(self) -> bool:
+        return self.cls.needs_outliers
+
+    @property
+    def constraints(self) -> Dict[str, Any]:
+        return dict(self.cls.parameter_constraints)
+
+    @property
     def search_space(self) -> Dict[str, Any]:
-        return dict(self.cls.default_search_space)
+        return self.cls.search_space()
 
 
 REGISTRY: Dict[str, DetectorSpec] = {}
 
 
-def register(spec: DetectorSpec) -> DetectorSpec:
-    """Add ``spec`` to :data:`REGISTRY` (names are unique, case-insensitively)."""
+def register(cls: type, name: Optional[str] = None) -> DetectorSpec:
+    """Add detector class ``cls`` to :data:`REGISTRY` (names are unique, case-insensitively)."""
+    spec = DetectorSpec(name or cls.__name__, cls)
     clash = [k for k in REGISTRY if k.lower() == spec.name.lower() and REGISTRY[k] != spec]
     if clash:
         raise ValueError(f"detector {spec.name!r} is already registered")
@@ -76,55 +89,19 @@ def register(spec: DetectorSpec) -> DetectorSpec:
     return spec
 
 
-for _spec in (
-    DetectorSpec("MaxSoftmax", MaxSoftmax, "logits"),
-    DetectorSpec("MaxLogit", MaxLogit, "logits"),
-    DetectorSpec("EnergyBased", EnergyBased, "logits"),
-    DetectorSpec("Mahalanobis", Mahalanobis, "features"),
-    DetectorSpec("ViM", ViM, "features", needs_head=True),
-    DetectorSpec("KNN", KNN, "features"),
-    DetectorSpec("ReAct", ReAct, "features", needs_head=True),
-    DetectorSpec("ASH", ASH, "features", needs_head=True),
-    DetectorSpec("SCALE", SCALE, "features", needs_head=True),
-    DetectorSpec("VRA", VRA, "features", needs_head=True),
-    DetectorSpec("RankFeat", RankFeat, "feature_maps", needs_head=True),
-    DetectorSpec("MultiMahalanobis", MultiMahalanobis, "layers"),
-    DetectorSpec("LayerEnergy", LayerEnergy, "layers"),
-    DetectorSpec("LayerEnergyAggregate", LayerEnergyAggregate, "layers"),
-    DetectorSpec("Gram", Gram, "layers"),
-    DetectorSpec("NACUE", NACUE, "model"),
-    DetectorSpec("ODIN", ODIN, "model"),
-    DetectorSpec("GradNorm", GradNorm, "model"),
-    DetectorSpec("GradNormKL", GradNormKL, "model"),
-    DetectorSpec("MCD", MCD, "model"),
-    DetectorSpec("MahalanobisPreprocessed", MahalanobisPreprocessed, "model"),
-    DetectorSpec("HeatmapOOD", HeatmapOOD, "model", needs_outliers=True),
+for _cls in (
+    # logits
+    MaxSoftmax, MaxLogit, EnergyBased, TemperatureScaling, KLMatching, Entropy, GEN, OpenMax, WeightedEBO,
+    # penultimate features
+    Mahalanobis, RMD, GMM, ViM, KNN, NNGuide, SHE, NCI, fDBD, DICE, NECO,
+    # activation shaping
+    ReAct, ASH, SCALE, VRA, RankFeat,
+    # several layers
+    MultiMahalanobis, LayerEnergy, LayerEnergyAggregate, Gram, LAOOD, LAOODEarlyExit,
+    # the network in the loop
+    NACUE, ODIN, GradNorm, GradNormKL, MCD, MahalanobisPreprocessed, HeatmapOOD,
 ):
-    register(_spec)
-
-for _spec in (  # probability / feature-statistics / neighbour detectors
-    DetectorSpec("TemperatureScaling", TemperatureScaling, "logits"),
-    DetectorSpec("KLMatching", KLMatching, "logits"),
-    DetectorSpec("Entropy", Entropy, "logits"),
-    DetectorSpec("GEN", GEN, "logits"),
-    DetectorSpec("OpenMax", OpenMax, "logits"),
-    DetectorSpec("WeightedEBO", WeightedEBO, "logits"),
-    DetectorSpec("RMD", RMD, "features"),
-    DetectorSpec("GMM", GMM, "features"),
-    DetectorSpec("NECO", NECO, "features", needs_head=True),
-    DetectorSpec("NCI", NCI, "features", needs_head=True),
-    DetectorSpec("fDBD", fDBD, "features", needs_head=True),
-    DetectorSpec("NNGuide", NNGuide, "features", needs_head=True),
-    DetectorSpec("SHE", SHE, "features", needs_head=True),
-    DetectorSpec("DICE", DICE, "features", needs_head=True),
-):
-    register(_spec)
-
-for _spec in (  # LA-OOD: one-class SVMs over layers (la_ood.py)
-    DetectorSpec("LAOOD", LAOOD, "layers"),
-    DetectorSpec("LAOODEarlyExit", LAOODEarlyExit, "layers"),
-):
-    register(_spec)
+    register(_cls)
 
 
 def get_spec(name: str) -> DetectorSpec:
@@ -141,6 +118,8 @@ def get_spec(name: str) -> DetectorSpec:
 def detector_params(name: str) -> List[str]:
     """Constructor hyperparameters of detector ``name`` a user may set (no model/head/w/b)."""
     spec = get_spec(name)
+    if spec.cls.parameter_constraints:
+        return spec.cls.hyperparameters()
     sig = inspect.signature(spec.cls.__init__)
     return [
         p.name

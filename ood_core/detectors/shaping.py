@@ -347,6 +347,7 @@ class RankFeat(_HeadShaper):
     :param detector: scoring of the logits: ``"energy"``, ``"msp"`` or ``"maxlogit"``
     """
 
+    representation: ClassVar[str] = "feature_maps"
     requires_fit: ClassVar[bool] = False
     default_search_space: ClassVar[Dict[str, Any]] = {}
     maps_only: ClassVar[bool] = True
