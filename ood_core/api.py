@@ -131,6 +131,8 @@ class Detector:
     needs_head: ClassVar[bool] = False
     needs_outliers: ClassVar[bool] = False
     requires_fit: ClassVar[bool] = False
+    #: makes a choice on validation data after fit (:meth:`select_on_validation`: ID val + OOD val)
+    uses_validation: ClassVar[bool] = False
     parameter_constraints: ClassVar[Dict[str, Param]] = {}
     #: hyperparameter name -> search spec, e.g. ``{"t": {"grid": [1, 10, 100]}}``
     default_search_space: ClassVar[Dict[str, Any]] = {}
@@ -187,6 +189,10 @@ class Detector:
                 else:
                     del space[name]  # nothing fits: the constructor's default applies
         return space
+
+    def select_on_validation(self, id_val: Any, ood_val: Any) -> None:
+        """Choices made on validation data after ``fit`` (ID val and OOD val representations, in the form
+        ``predict`` takes them), e.g. a per-layer sign; only for detectors with :attr:`uses_validation`."""
 
     # -- generic API -----------------------------------------------------------------
     def __call__(self, x: Tensor) -> Tensor:
@@ -392,6 +398,10 @@ class StructuredDetector(Detector):
     """Detectors whose representation is structured (several layers, logits + features ...)."""
 
     representation: ClassVar[str] = "layers"
+
+    def predict_structured_details(self, *args, **kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Scores and per-sample details (e.g. ``exit_layer`` of early-exit detectors); none by default."""
+        return self.predict_structured(*args, **kwargs), {}
 
     def fit_structured(self, *args, **kwargs) -> "StructuredDetector":
         self._mark_fitted()
