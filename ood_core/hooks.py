@@ -242,6 +242,25 @@ def capture_batch(model: nn.Module, x: Tensor, layers: Sequence[LayerSpec]) -> D
     return out
 
 
+def column_widths(model: nn.Module, layers: Sequence[LayerSpec], input_shape: Tuple[int, ...]) -> Dict[str, int]:
+    """Width of every extracted column (1 for a scalar reduction) from one forward pass of two blank
+    inputs of ``input_shape`` ``(channels, height, width)``; ``"feature_maps"`` is the channel count of
+    ``model.feature_maps`` where the model has it. What a sweep's plan checks detectors against before
+    any training."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(2, *input_shape)
+        out = capture_batch(model, x, layers)
+        widths = {column: int(t.shape[1]) if t.ndim > 1 else 1 for column, t in out.items()}
+        if hasattr(model, "feature_maps"):
+            with torch.inference_mode():
+                widths["feature_maps"] = int(model.feature_maps(x).shape[1])
+    finally:
+        model.train(was_training)
+    return widths
+
+
 def _split_batch(batch: Any) -> Tuple[Tensor, Any]:
     if isinstance(batch, Tensor):
         return batch, None

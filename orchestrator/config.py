@@ -298,6 +298,33 @@ def check_search_spec(path: str, spec: Any) -> None:
         raise ConfigError(f"{path}.{kind}: bounds must be integers")
 
 
+def reachable_values(spec: Any) -> List[Any]:
+    """Every value a search spec can give, as far as a constraint check must see it: a fixed value, each
+    grid / choice value, both bounds of an interval. A list of specs (a list-valued hyperparameter searched
+    element-wise) gives lists in which each element takes each of its reachable values in turn."""
+    if isinstance(spec, list) and any(isinstance(item, dict) for item in spec):
+        per = [reachable_values(item) for item in spec]
+        return [[values[j % len(values)] for values in per] for j in range(max(len(v) for v in per))]
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS:
+        return list(next(iter(spec.values())))
+    return [spec]
+
+
+def check_detector_values(path: str, cls: type, params: Dict[str, Any], search: Optional[Dict[str, Any]],
+                          data: Optional[Dict[str, int]] = None) -> None:
+    """Check the fixed parameters and every reachable search value of a detector against its declared
+    constraints (with ``data``, the bounds relative to D / C / N / L too); raise ConfigError naming the field."""
+    from ood_core.constraints import ParameterError
+
+    points = [(f"{path}.params.{k}", k, v) for k, v in params.items()]
+    points += [(f"{path}.search.{k}", k, v) for k, spec in (search or {}).items() for v in reachable_values(spec)]
+    for field_path, name, value in points:
+        try:
+            cls.check_params({name: value}, data)
+        except ParameterError as exc:
+            raise ConfigError(f"{field_path}: {exc}") from None
+
+
 def validate_semantics(cfg: SweepConfig) -> None:
     from ood_core.detectors.registry import detector_params, get_spec
     from ood_core.models import ARCHITECTURES
@@ -372,6 +399,7 @@ def validate_semantics(cfg: SweepConfig) -> None:
                 check_search_spec(f"{path}.search.{key}", value)
                 if key in det.params:
                     raise ConfigError(f"{path}.search.{key}: also fixed in params; give it in one place")
+        check_detector_values(path, spec.cls, det.params, det.search)
 
 
 def _dataset_identity(ds: DataSetConfig):

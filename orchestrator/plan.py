@@ -66,6 +66,10 @@ class BackbonePlan:
     checkpoint: Optional[str] = None  # a user checkpoint loaded instead of training
     layers: List[Dict] = field(default_factory=list)
     features: List[FeatureJob] = field(default_factory=list)
+    #: width of every extracted column (and ``feature_maps``), from the model's shapes
+    widths: Dict[str, int] = field(default_factory=dict)
+    #: detector label -> the search space it runs (the user's, or its default adapted to the data)
+    searches: Dict[str, Dict] = field(default_factory=dict)
 
     @property
     def columns(self) -> List[str]:
@@ -82,6 +86,8 @@ class SweepPlan:
     input_format: Dict
     num_classes: int
     backbones: List[BackbonePlan]
+    #: ID training rows (None when the data are not on disk yet: ``validate`` on another machine)
+    n_train: Optional[int] = None
 
     def datasets(self, backbone: BackbonePlan, role: Optional[str] = None) -> List[FeatureJob]:
         return [f for f in backbone.features if role is None or f.dataset.role == role]
@@ -188,6 +194,50 @@ def _build(cfg: SweepConfig, i: int, fmt, num_classes: int):
         raise ConfigError(f"backbones[{i}].params: {exc}") from None
 
 
+def id_train_rows(cfg: SweepConfig, fmt) -> Optional[int]:
+    """Number of ID training rows, or None when the data set is not on disk (yet)."""
+    from ood_core.data import load_dataset
+
+    params = {k: v for k, v in cfg.data.id.params.items() if k != "download"}  # planning never downloads
+    try:
+        return len(load_dataset(cfg.data.id.dataset, split="train", fmt=fmt, seed=cfg.seed, **params))
+    except FileNotFoundError:
+        return None
+
+
+def detector_data(cls: type, params: Dict, widths: Dict[str, int], num_classes: int,
+                  n_train: Optional[int]) -> Dict[str, Optional[int]]:
+    """What a detector's data-relative constraints are checked against: ``D`` (the width of what it reads),
+    ``C``, ``N`` (ID training rows) and ``L`` (the layers it combines)."""
+    rep = cls.representation
+    width = {"logits": num_classes, "feature_maps": widths.get("feature_maps"), "layers": None}.get(
+        rep, widths.get("penultimate"))
+    layers = params.get("layers")
+    n_layers = None if layers is None else (1 if isinstance(layers, str) else len(layers))
+    return {"D": width, "C": num_classes, "N": n_train, "L": n_layers}
+
+
+def resolve_searches(cfg: SweepConfig, widths: Dict[str, int], num_classes: int,
+                     n_train: Optional[int], arch: str) -> Dict[str, Dict]:
+    """Each detector's search space for one backbone (its default adapted to the data when the file gives
+    none), with every reachable value checked against the data-relative constraints: a value that cannot
+    fit the data stops the sweep here, before any training (ConfigError naming the field and the bound)."""
+    from ood_core.detectors.registry import get_spec
+    from orchestrator.config import check_detector_values
+
+    out = {}
+    for i, det in enumerate(cfg.detectors):
+        cls = get_spec(det.type).cls
+        if cls.representation == "feature_maps" and "feature_maps" not in widths:
+            raise ConfigError(f"detectors[{i}].type: {cls.__name__} reads feature maps, but {arch} has no feature_maps()")
+        data = detector_data(cls, det.params, widths, num_classes, n_train)
+        space = det.search if det.search is not None else cls.search_space(data)
+        space = {k: v for k, v in space.items() if k not in det.params}
+        check_detector_values(f"detectors[{i}]", cls, det.params, space, data)
+        out[det.label] = space
+    return out
+
+
 def _dataset_jobs(cfg: SweepConfig) -> List[DataSetJob]:
     idd = cfg.data.id
     jobs = [
@@ -261,23 +311,30 @@ def check_inputs(cfg: SweepConfig, *, fetch: bool) -> List[str]:
 
 
 def make_plan(cfg: SweepConfig) -> SweepPlan:
+    from ood_core.hooks import LayerSpec, column_widths
+
     fmt = resolve_input_format(cfg)
     num_classes = count_classes(cfg, fmt)
+    n_train = id_train_rows(cfg, fmt)
     jobs = _dataset_jobs(cfg)
     backbones = []
     for i, bb in enumerate(cfg.backbones):
-        layers = _layers(cfg, _build(cfg, i, fmt, num_classes), bb.arch)
+        model = _build(cfg, i, fmt, num_classes)
+        layers = _layers(cfg, model, bb.arch)
         _check_detector_layers(cfg, [_column(l) for l in layers], bb.arch)
+        widths = column_widths(model, [LayerSpec(**l) for l in layers], (fmt.channels, fmt.image_size, fmt.image_size))
+        searches = resolve_searches(cfg, widths, num_classes, n_train, bb.arch)
         for seed in bb.seeds:
             key = backbone_key(cfg, bb, seed, fmt)
             plan = BackbonePlan(
                 name=bb.name, seed=seed, key=key, arch=bb.arch, params=dict(bb.params), checkpoint=bb.checkpoint,
                 train=bb.train.model_dump(), checkpoint_uri=join_uri(cfg.storage, "checkpoints", f"{key}.pt"),
-                layers=layers,
+                layers=layers, widths=widths, searches=searches,
             )
             for job in jobs:
                 fkey = content_key({"v": EXTRACT_VERSION, "backbone": key, "data": job.spec(),
                                     "format": fmt.__dict__, "layers": layers})
                 plan.features.append(FeatureJob(job, fkey, join_uri(cfg.storage, "features", key, f"{fkey}.parquet")))
             backbones.append(plan)
-    return SweepPlan(config=cfg, input_format=dict(fmt.__dict__), num_classes=num_classes, backbones=backbones)
+    return SweepPlan(config=cfg, input_format=dict(fmt.__dict__), num_classes=num_classes, backbones=backbones,
+                     n_train=n_train)

@@ -75,6 +75,8 @@ class SweepRunner:
         self.config_text = config_text
         self.plan: SweepPlan = make_plan(self.cfg)
         check_inputs(self.cfg, fetch=True)  # missing data or weights: one clear error before any work
+        if self.plan.n_train is None:  # fetched just now: check the search points against its size too
+            self.plan = make_plan(self.cfg)
         self.tracking_uri = self.cfg.resolved_tracking_uri()
         self._ray_started = False
         #: identity of this sweep: an interrupted run of the same config is resumed, not duplicated
@@ -187,8 +189,7 @@ class SweepRunner:
         for bb in plan.backbones:
             for det in cfg.detectors:
                 spec = get_spec(det.type)
-                space = det.search if det.search is not None else dict(spec.search_space)
-                space = {k: v for k, v in space.items() if k not in det.params}
+                space = bb.searches[det.label]
                 num_samples = det.num_samples or cfg.search.num_samples
                 key = f"{bb.label}/{det.label}"
                 inputs = [f.key for f in bb.features]

@@ -73,64 +73,34 @@ def _loader(entry: Dict, fmt: Dict, batch_size: int, device, outliers=()):
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
 
 
-def _model_scores(context: Dict, det, spec, device) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """Detectors that need the network: run it over every data set (inputs, not cached features).
-
-    ``"model"`` detectors get the network itself (ODIN, GradNorm, MCD, ...); ``"feature_maps"``
-    detectors get ``model.feature_maps(x)``, the maps the classifier pools (RankFeat).
-    """
+def _eval_sets(context: Dict, det, device) -> Dict:
+    """The sweep's data sets in the form the detector reads: cached Parquet features, or loaders of inputs."""
     import torch
 
-    from tasks.runtime import load_backbone
+    from ood_core.evaluation import CACHED, EvalSet
 
-    model = load_backbone(context["backbone"], context["num_classes"], context["format"]).to(device).eval()
-    in_loop = spec.representation == "model"
-    if in_loop:
-        det.model = model
-    else:
-        if not hasattr(model, "feature_maps"):
-            raise ValueError(f"{spec.name} needs feature maps, but {context['backbone']['arch']} has no feature_maps()")
-    batch = context.get("batch_size", 256)
-    sets = context["sets"]
-    if det.requires_fit:
-        train = _loader(sets["id-train"], context["format"], batch, device, context.get("outliers", ()))
-        if in_loop:
-            det.fit(train)
+    columns = tuple(context["columns"])
+    out = {}
+    for label, entry in context["sets"].items():
+        role = entry["role"]
+        if det.representation in CACHED:
+            fs = _read(entry["uri"], columns)
+            out[label] = EvalSet(role, _reps(fs, columns, device), torch.from_numpy(fs.labels).to(device))
         else:
-            with torch.no_grad():
-                maps, ys = zip(*[(model.feature_maps(x.to(device)), y) for x, y in train])
-            det.fit_feature_maps(torch.cat(maps), torch.cat(ys).to(device))
-    scores, labels = {}, {}
-    for label, entry in sets.items():
-        if entry["role"] == "id_train":
-            continue
-        out, ys = [], []
-        for x, y in _loader(entry, context["format"], batch, device):
-            x = x.to(device)
-            if in_loop:
-                out.append(det.predict(x).detach())
-            else:
-                with torch.no_grad():
-                    out.append(det.predict_feature_maps(model.feature_maps(x)))
-            ys.append(y)
-        scores[label] = torch.cat(out).float().cpu().numpy()
-        labels[label] = torch.cat(ys).numpy()
-    return scores, labels
+            outliers = context.get("outliers", ()) if role == "id_train" else ()
+            out[label] = EvalSet(role, _loader(entry, context["format"], context.get("batch_size", 256), device,
+                                               outliers))
+    return out
 
 
 def score_detector_on_sets(context: Dict, params: Dict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """Fit the detector with ``params`` on ID train; return ``(scores by set label, labels by set label)``.
-
-    Representation detectors work on the cached Parquet features; detectors that need the network
-    (``"model"``, ``"feature_maps"``) run it over the data sets. Multi-layer detectors with a
-    validation-time choice (per-layer signs of ``LayerEnergyAggregate``) make it on ID val + OOD val.
-    """
+    """Fit the detector with ``params`` and score the sets through the protocol of :mod:`ood_core.evaluation`;
+    return ``(scores by set label, labels by set label)`` (``exit:<label>``: early-exit detectors' exit layers)."""
     import json
 
-    import torch
-
-    from ood_core.detectors.registry import build_detector, detector_params, fit_detector, get_spec, score_detector
-    from tasks.runtime import setup_worker
+    from ood_core.detectors.registry import build_detector, detector_params, get_spec
+    from ood_core.evaluation import CACHED, run_protocol
+    from tasks.runtime import load_backbone, setup_worker
 
     device = setup_worker()
     spec = get_spec(context["detector"])
@@ -143,31 +113,15 @@ def score_detector_on_sets(context: Dict, params: Dict) -> Tuple[Dict[str, np.nd
                      json.dumps(context["format"], sort_keys=True))
         head = tuple(t.to(device) for t in head)
     det = build_detector(spec.name, params, head=head)
-    if spec.representation in ("model", "feature_maps"):
-        return _model_scores(context, det, spec, device)
-    columns = tuple(context["columns"])
-    sets = context["sets"]
-    train = _read(sets["id-train"]["uri"], columns)
-    with torch.no_grad():
-        fit_detector(det, _reps(train, columns, device), torch.from_numpy(train.labels).to(device))
-        if hasattr(det, "select_signs"):
-            ood_val = [_reps(_read(e["uri"], columns), columns, device) for e in sets.values() if e["role"] == "ood_val"]
-            merged = {k: torch.cat([r[k] for r in ood_val]) for k in ood_val[0]}
-            det.select_signs(_reps(_read(sets["id-val"]["uri"], columns), columns, device), merged)
-    scores, labels = {}, {}
-    for label, entry in sets.items():
-        if entry["role"] == "id_train":
-            continue
-        fs = _read(entry["uri"], columns)
-        with torch.no_grad():
-            reps = _reps(fs, columns, device)
-            if hasattr(det, "predict_with_exits"):  # early exit: keep where each sample stopped
-                s, exits = det.predict_with_exits(reps)
-                labels[f"exit:{label}"] = exits.cpu().numpy()
-                scores[label] = s.float().cpu().numpy()
-            else:
-                scores[label] = score_detector(det, reps).float().cpu().numpy()
-        labels[label] = fs.labels
+    model = None
+    if det.representation not in CACHED:
+        model = load_backbone(context["backbone"], context["num_classes"], context["format"]).to(device).eval()
+    results = run_protocol(det, _eval_sets(context, det, device), model=model, device=device)
+    scores = {label: r.scores for label, r in results.items()}
+    labels = {label: r.labels for label, r in results.items()}
+    for label, r in results.items():
+        if "exit_layer" in r.details:
+            labels[f"exit:{label}"] = r.details["exit_layer"]
     return scores, labels
 
 

@@ -72,6 +72,18 @@ CASES = [
      "data.outliers[0]: same data as data.ood_test.far[0]"),
     ("data.outliers", [{"dataset": "sklearn_photos", "split": "val"}], "data.outliers[0]: same data as data.ood_val[1]"),
     ("data.outliers", [{"dataset": "photos", "split": "train"}], "data.outliers[0].dataset: unknown data set 'photos'"),
+    # the detectors' declared constraints: every value a search can reach
+    ("detectors[6].search.percentile", {"grid": [90, 150]}, "detectors[6].search.percentile: ReAct: percentile=150 "),
+    ("detectors[6].search.percentile", {"uniform": [50, 101]}, "detectors[6].search.percentile: ReAct: percentile=101 "),
+    ("detectors[6].search.percentile", {"grid": [0.9]},
+     "detectors[6].search.percentile: ReAct: percentile=0.9 must be in (1, 100]; it is in percent"),
+    ("detectors[6].params.detector", "enrgy", "detectors[6].params.detector: ReAct: detector='enrgy' must be one of"),
+    ("detectors[5].search.k", {"grid": [0, 5]}, "detectors[5].search.k: KNN: k=0 "),
+    ("detectors[2].search.t", {"grid": [-1, 1]}, "detectors[2].search.t: EnergyBased: t=-1 "),
+    ("detectors[4].search.d", {"randint": [0, 8]}, "detectors[4].search.d: ViM: d=0 "),
+    # ... and against the data (known from the model's shapes and the data set's size, before any training)
+    ("detectors[5].search.k", {"grid": [1, 5000]}, "detectors[5].search.k: KNN: k=5000 must be in [1, N=648]"),
+    ("detectors[4].search.d", {"grid": [16, 128]}, "detectors[4].search.d: ViM: d=128 must be in [1, D - 1=127]"),
 ]
 
 
@@ -86,6 +98,32 @@ def test_config_error_names_field(base, tmp_path, capsys, path, value, expected)
     assert err.startswith("error: " + expected), err
     assert len(err.splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_default_spaces_adapt_to_the_data(base):
+    from orchestrator.plan import make_plan
+
+    cfg = copy.deepcopy(base)
+    for det in cfg["detectors"]:
+        det.pop("search", None)
+    cfg["detectors"].append({"type": "NECO"})
+    cfg["detectors"].append({"type": "GEN"})
+    plan = make_plan(parse_config(cfg))
+    searches = plan.backbones[0].searches
+    assert plan.n_train == 648 and plan.backbones[0].widths["penultimate"] == 128 and plan.num_classes == 6
+    assert all(d < 128 for d in searches["ViM"]["d"]["grid"])  # OpenOOD's {256, 1000} cannot fit 128-d features
+    assert all(k <= 648 for k in searches["KNN"]["k"]["grid"])
+    assert all(m <= 6 for m in searches["GEN"]["M"]["grid"])
+
+
+def test_sweep_refuses_an_unfittable_value_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("k: {grid: [1, 5, 10, 20, 50]}", "k: {grid: [1, 5000]}"))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(bad)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: detectors[5].search.k: KNN: k=5000 must be in [1, N=648]"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".ood_sweep").exists()
 
 
 def test_quickstart_is_valid(capsys):
