@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .constraints import Param, ParameterError, check_params
+from .constraints import Param, check_params
 
 
 class DetectorError(Exception):
@@ -60,13 +60,13 @@ def check_input(detector: "Detector", x: Tensor, ndim: Optional[int] = None, nam
             x = torch.as_tensor(x)
         except Exception as exc:  # pragma: no cover - message path
             raise InvalidInputError(f"{label}: {name} must be a tensor, got {type(x).__name__}") from exc
-    if ndim is not None and x.ndim != ndim:
-        raise InvalidInputError(f"{label}: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if (ndim is not None and x.ndim != ndim) or x.ndim == 0:
+        want = f"{ndim} dimensions" if ndim is not None else "at least one dimension"
+        raise InvalidInputError(f"{label}: {name} must have {want}, got shape {tuple(x.shape)}")
     if not torch.is_floating_point(x):
         x = x.float()
     if finite and x.numel():
-        # min and max are finite iff every entry is (NaN propagates through both); one fused
-        # reduction, ~15x faster than isfinite(x).all(), which dominated cheap detectors' time
+        # min and max are finite iff every entry is (NaN propagates through both): one reduction
         lo, hi = torch.aminmax(x)
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             raise InvalidInputError(f"{label}: {name} contains NaN or inf values")
@@ -131,6 +131,8 @@ class Detector:
     needs_head: ClassVar[bool] = False
     needs_outliers: ClassVar[bool] = False
     requires_fit: ClassVar[bool] = False
+    #: ``fit`` reads the class labels (False: one-class / label-free fits, where ``y`` may be omitted)
+    needs_labels: ClassVar[bool] = True
     #: makes a choice on validation data after fit (:meth:`select_on_validation`: ID val + OOD val)
     uses_validation: ClassVar[bool] = False
     parameter_constraints: ClassVar[Dict[str, Param]] = {}
@@ -206,12 +208,14 @@ class Detector:
         raise NotImplementedError
 
     # -- input checks, shared by every detector ----------------------------------------
-    def _input(self, x, ndim: Optional[int] = 2, name: str = "input", finite: bool = True) -> Tensor:
-        """``x`` as a floating tensor of ``ndim`` dimensions, all finite, and (after a fit) of the fitted
-        width :attr:`n_features_in_`; :class:`InvalidInputError` naming the class otherwise."""
+    def _input(self, x, ndim: Optional[int] = 2, name: str = "input", finite: bool = True,
+               width: Optional[int] = None) -> Tensor:
+        """``x`` as a floating tensor of ``ndim`` dimensions, all finite, and of width ``width`` (by default,
+        after a fit, the fitted width :attr:`n_features_in_`); :class:`InvalidInputError` naming the class
+        otherwise."""
         x = check_input(self, x, ndim=ndim, name=name, finite=finite)
-        width = getattr(self, "n_features_in_", None)
-        if width is not None and x.ndim >= 2 and x.shape[1] != width:
+        width = getattr(self, "n_features_in_", None) if width is None else width
+        if isinstance(width, int) and x.ndim >= 2 and x.shape[1] != width:
             raise InvalidInputError(f"{type(self).__name__}: {name} have width {x.shape[1]}, but the detector "
                                     f"was fitted / built for width {width}")
         return x
@@ -223,6 +227,9 @@ class Detector:
         label = type(self).__name__
         x = check_input(self, x, ndim=ndim, name=name, finite=finite)
         if y is None:
+            if self.needs_labels:
+                raise InvalidInputError(f"{label}: fit needs the labels y ({x.shape[0]},) of the {name} "
+                                        "(label < 0 marks an auxiliary outlier)")
             y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         y = torch.as_tensor(y, device=x.device)
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
@@ -240,6 +247,9 @@ class Detector:
         if x.ndim >= 2 and x.shape[1] == 0:
             raise InvalidInputError(f"{label}: {name} have zero dimensions")
         width = x.shape[1] if x.ndim >= 2 else None
+        if self.representation == "logits" and width is not None and y.numel() and int(y.max()) >= width:
+            raise InvalidInputError(f"{label}: labels must be smaller than the number of classes C={width} "
+                                    f"(the logits' width), got {int(y.max())}")
         head = getattr(self, "w", None)
         if self.needs_head and isinstance(head, Tensor) and width is not None and head.shape[1] != width:
             raise InvalidInputError(f"{label}: {name} have dimension {width}, head weights expect {head.shape[1]}")
@@ -272,6 +282,8 @@ class Detector:
         for value in vars(self).values():
             if isinstance(value, Tensor):
                 return value.device
+            if isinstance(value, Detector) and value.device is not None:
+                return value.device
             if isinstance(value, torch.nn.Module):
                 for p in value.parameters():
                     return p.device
@@ -281,7 +293,7 @@ class Detector:
         """Move tensors and modules held by the detector (also inside lists/dicts) to ``device``."""
 
         def move(v):
-            if isinstance(v, (Tensor, torch.nn.Module)):
+            if isinstance(v, (Tensor, torch.nn.Module, Detector)):
                 return v.to(device)
             if isinstance(v, list):
                 return [move(i) for i in v]
@@ -329,7 +341,10 @@ class _OneInputDetector(Detector):
 
     def _predict_input(self, x: Tensor) -> Tensor:
         self._require_fit()
-        return self._score(self._input(x, ndim=self._ndim, name=self._input_name))
+        x = self._input(x, ndim=self._ndim, name=self._input_name)
+        if not self._fitted and x.ndim == 2:  # no fit checked the data-relative bounds: check them here
+            self.check_data(D=x.shape[1], C=x.shape[1] if self.representation == "logits" else None)
+        return self._score(x)
 
     def _fit(self, x: Tensor, y: Tensor) -> None:
         """Fit the state from validated ID training rows (nothing by default)."""

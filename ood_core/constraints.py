@@ -30,12 +30,14 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+from .errors import UserCausedError
+
 #: what each data-relative name stands for (used in messages)
 DATA_NAMES = {"D": "the feature dimension", "C": "the number of classes", "N": "the number of ID training rows",
               "L": "the number of layers"}
 
 
-class ParameterError(ValueError):
+class ParameterError(UserCausedError, ValueError):
     """A hyperparameter value outside its declared constraint; ``param`` names it."""
 
     def __init__(self, detector: str, param: str, message: str):

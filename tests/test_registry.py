@@ -78,7 +78,7 @@ def test_detector_params_exclude_wiring():
     assert detector_params("MaxSoftmax") == ["t"]
     assert detector_params("MaxLogit") == []
     assert detector_params("EnergyBased") == ["t"]
-    assert detector_params("Mahalanobis") == ["eps"]
+    assert detector_params("Mahalanobis") == []  # eps: MahalanobisPreprocessed
     assert detector_params("vim") == ["d"]
     assert detector_params("KNN") == ["k", "normalize"]
     assert detector_params("ReAct") == ["threshold", "percentile", "detector"]
@@ -123,8 +123,8 @@ def test_build_detector_errors(reps):
         build_detector("Mahalanobis", {"model": None})
     with pytest.raises(ValueError, match="ViM: needs the classifier head"):
         build_detector("ViM", {"d": 4})
-    with pytest.raises(ValueError, match="either threshold or percentile"):
-        build_detector("ReAct", {"threshold": 1.0, "percentile": 90}, head=reps["head"])
+    # pytorch-ood's rule: a given threshold is used as it is (percentile then only applies without one)
+    assert build_detector("ReAct", {"threshold": 1.0, "percentile": 90}, head=reps["head"]).threshold == 1.0
     with pytest.raises(KeyError, match="known detectors"):
         build_detector("NoSuch", {})
 

@@ -1,9 +1,10 @@
 """OOD detectors on the API of :mod:`ood_core.api` (higher score = more OOD) and their registry."""
-from .knn import KNN
+from .knn import KNN, NNGuide
 from .logits import EnergyBased, MaxLogit, MaxSoftmax
 from .mahalanobis import Mahalanobis
 from .feature_stats import GMM, NCI, NECO, RMD, fDBD
-from .neighbours import DICE, SHE, NNGuide
+from .she import SHE
+from .dice import DICE
 from .openmax import OpenMax
 from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
 from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed

@@ -1,15 +1,17 @@
-"""Heatmap-based OOD detection: a decoder trained on classifier features whose heatmap size is the score."""
+"""Heatmap-based OOD detection: a decoder trained on classifier features whose heatmap size is the score
+(model in the loop: it trains on inputs and auxiliary outliers)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import Detector, DetectorError, InvalidInputError, check_input
-from .model_in_loop import _inputs
+from ..constraints import Interval, Param
+from .model_in_loop import ModelInputs
 
 #: upper bound on the elements of one (outlier chunk x ID train) distance block for the prototypes
 CHUNK_ELEMENTS = 1 << 22
@@ -75,7 +77,7 @@ def nearest_same_class(z_query: Tensor, c_query: Tensor, z_bank: Tensor, c_bank:
     return out
 
 
-class HeatmapOOD(Detector):
+class HeatmapOOD(ModelInputs, Detector):
     r"""Heatmap-based OOD detection: a decoder maps the classifier's view of an input to a heatmap,
     trained to be zero on ID data and, on auxiliary outliers, to turn the input into an ID image.
 
@@ -99,38 +101,35 @@ class HeatmapOOD(Detector):
     The score is per sample (the decoder's batch norms are in eval mode): batch independent.
 
     Paper: Hornauer & Belagiannis, "Heatmap-based Out-of-Distribution Detection", WACV 2023
-    (arXiv:2211.08115); official code github.com/jhornauer/heatmap_ood (``../shared/seeds/003_*``).
-    pytorch-ood has no such detector.
+    (arXiv:2211.08115); code https://github.com/jhornauer/heatmap_ood (``../shared/seeds/003_*``).
+    pytorch-ood 0.4.0 has no such detector.
 
     :param model: the classifier, with ``features`` (penultimate) and ``head`` (see ``ood_core.backbones``)
-    :param epochs: decoder training epochs
-    :param lr: Adam learning rate
-    :param batch_size: decoder training batch size
-    :param num_outliers: outliers used (a seeded random subset; ``None`` = all given)
-    :param width: channels of the decoder's first block (halved at each upsampling)
-    :param latent_dim: size of the decoder's first linear layer
-    :param seed: seed of the decoder's initialisation, the outlier subset and the batch order
     """
 
     requires_fit: ClassVar[bool] = True
     needs_outliers: ClassVar[bool] = True
-    default_search_space: ClassVar[Dict[str, Any]] = {}
+    parameter_constraints: ClassVar[Dict[str, Param]] = {
+        "epochs": Param(Interval(int, 1, None), doc="decoder training epochs"),
+        "lr": Param(Interval(float, 0, math.inf, closed="neither"), doc="Adam learning rate"),
+        "batch_size": Param(Interval(int, 1, None), doc="decoder training batch size"),
+        "num_outliers": Param(Interval(int, 1, None), None, doc="outliers used (a seeded subset); None: all"),
+        "width": Param(Interval(int, 1, None), doc="channels of the decoder's first block (halved per upsampling)"),
+        "latent_dim": Param(Interval(int, 1, None), doc="size of the decoder's first linear layer"),
+        "seed": Param(Interval(int, 0, None), doc="seed of the decoder's initialisation, outlier subset, batch order"),
+    }
 
     def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, epochs: int = 150, lr: float = 2e-4,
                  batch_size: int = 200, num_outliers: Optional[int] = None, width: int = 512,
                  latent_dim: int = 100, seed: int = 0):
         super().__init__(model)
-        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("width", width),
-                            ("latent_dim", latent_dim)):
-            if int(value) != value or int(value) < 1:
-                raise ValueError(f"HeatmapOOD: {name} must be a positive integer, got {value!r}")
-        if num_outliers is not None and (int(num_outliers) != num_outliers or int(num_outliers) < 1):
-            raise ValueError(f"HeatmapOOD: num_outliers must be a positive integer or None, got {num_outliers!r}")
-        if not float(lr) > 0:
-            raise ValueError(f"HeatmapOOD: lr must be positive, got {lr!r}")
-        self.epochs, self.lr, self.batch_size = int(epochs), float(lr), int(batch_size)
-        self.num_outliers = None if num_outliers is None else int(num_outliers)
-        self.width, self.latent_dim, self.seed = int(width), int(latent_dim), int(seed)
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.num_outliers = num_outliers
+        self.width = width
+        self.latent_dim = latent_dim
+        self.seed = seed
         self.decoder: Optional[HeatmapDecoder] = None
         self.z_min: Optional[float] = None  #: m, the smallest ID-train feature value
         self.z_max: Optional[float] = None  #: M, the largest ID-train feature value
@@ -147,27 +146,26 @@ class HeatmapOOD(Detector):
         """Penultimate features and predicted class of inputs ``x``."""
         model = self._network()
         z = model.features(x)
-        return z, model.head(z).argmax(dim=1)
+        return z.float(), model.head(z).argmax(dim=1)
 
     def _normalise(self, z: Tensor) -> Tensor:
         return (z - self.z_min) / max(self.z_max - self.z_min, 1e-12)
 
     def fit(self, data_loader) -> "HeatmapOOD":
-        xs: List[Tensor] = []
-        zs: List[Tensor] = []
-        preds: List[Tensor] = []
-        ys: List[Tensor] = []
-        for x, y in data_loader:
-            x = _inputs(self, x)
+        """Train the decoder on a loader of ``(x, y)`` batches (``y < 0``: auxiliary outlier)."""
+        self._network()
+        xs, zs, preds, ys = [], [], [], []
+        for x, y in self._batches(data_loader):
+            if y is None:
+                raise InvalidInputError("HeatmapOOD: batches must be (x, y), y < 0 marking auxiliary outliers")
             z, pred = self._encode(x)
             xs.append(x.detach())
-            zs.append(z.float())
+            zs.append(z)
             preds.append(pred)
-            ys.append(torch.as_tensor(y, device=x.device))
+            ys.append(y)
         if not xs:
             raise InvalidInputError("HeatmapOOD: the training loader is empty")
-        x, z, pred, y = torch.cat(xs), torch.cat(zs), torch.cat(preds), torch.cat(ys)
-        return self.fit_arrays(x, z, pred, y)
+        return self.fit_arrays(torch.cat(xs), torch.cat(zs), torch.cat(preds), torch.cat(ys))
 
     def fit_arrays(self, x: Tensor, z: Tensor, pred: Tensor, y: Tensor) -> "HeatmapOOD":
         """Train the decoder from inputs ``x`` ``(N, C, H, W)``, their features ``z`` ``(N, D)``, the
@@ -176,39 +174,35 @@ class HeatmapOOD(Detector):
         z = check_input(self, z, ndim=2, name="features")
         pred, y = pred.to(x.device), torch.as_tensor(y, device=x.device)
         ood = y < 0
-        n_id, n_ood = int((~ood).sum()), int(ood.sum())
-        if n_id == 0:
+        if not bool((~ood).any()):
             raise InvalidInputError("HeatmapOOD: the training data has no ID samples (labels >= 0)")
-        if n_ood == 0:
+        if not bool(ood.any()):
             raise InvalidInputError("HeatmapOOD: the training data has no auxiliary outliers (labels < 0); "
                                     "the decoder learns from them")
-        gen = torch.Generator().manual_seed(self.seed)
-        id_idx = (~ood).nonzero().flatten()
-        ood_idx = ood.nonzero().flatten()
-        if self.num_outliers is not None and self.num_outliers < n_ood:
-            keep = torch.randperm(n_ood, generator=gen)[: self.num_outliers].sort().values
+        gen = torch.Generator().manual_seed(int(self.seed))
+        id_idx, ood_idx = (~ood).nonzero().flatten(), ood.nonzero().flatten()
+        if self.num_outliers is not None and self.num_outliers < ood_idx.numel():
+            keep = torch.randperm(ood_idx.numel(), generator=gen)[: int(self.num_outliers)].sort().values
             ood_idx = ood_idx[keep.to(ood_idx.device)]
         z_id = z[id_idx]
         self.z_min, self.z_max = float(z_id.min()), float(z_id.max())
-        proto = id_idx[nearest_same_class(z[ood_idx], pred[ood_idx], z_id, pred[id_idx])]
+        # targets: ID images themselves; for each outlier, the nearest ID image of its predicted class
         inputs = torch.cat([id_idx, ood_idx])
-        targets = torch.cat([id_idx, proto])
+        targets = torch.cat([id_idx, id_idx[nearest_same_class(z[ood_idx], pred[ood_idx], z_id, pred[id_idx])]])
 
-        device = x.device
         with torch.random.fork_rng(devices=[]):  # the decoder is initialised on the CPU, then moved
-            torch.random.default_generator.manual_seed(self.seed)
+            torch.random.default_generator.manual_seed(int(self.seed))
             num_classes = self._num_classes() or int(pred.max()) + 1
-            self.decoder = HeatmapDecoder(z.shape[1], num_classes, tuple(x.shape[1:]), self.width,
-                                          self.latent_dim).to(device)
+            self.decoder = HeatmapDecoder(z.shape[1], num_classes, tuple(x.shape[1:]), int(self.width),
+                                          int(self.latent_dim)).to(x.device)
         opt = torch.optim.Adam(self.decoder.parameters(), lr=self.lr, betas=(0.5, 0.999))
         z_norm = self._normalise(z)
         self.decoder.train()
         self.losses = []
-        for _ in range(self.epochs):
-            order = torch.randperm(inputs.numel(), generator=gen).to(device)
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            for s in range(0, order.numel(), self.batch_size):
-                b = order[s : s + self.batch_size]
+        for _ in range(int(self.epochs)):
+            order = torch.randperm(inputs.numel(), generator=gen).to(x.device)
+            total = torch.zeros((), dtype=torch.float64, device=x.device)
+            for b in order.split(int(self.batch_size)):
                 src, tgt = inputs[b], targets[b]
                 loss = weighted_reconstruction_loss(x[src] + self.decoder(z_norm[src], pred[src]), x[tgt]).mean()
                 opt.zero_grad(set_to_none=True)
@@ -228,12 +222,12 @@ class HeatmapOOD(Detector):
     def heatmap(self, x: Tensor) -> Tensor:
         """The heatmap ``h(x)`` ``(N, C, H, W)`` of inputs ``x``."""
         self._require_fit()
-        x = _inputs(self, x)
+        x = self._model_input(x)
         if tuple(x.shape[1:]) != self.decoder.image_shape:
             raise InvalidInputError(f"HeatmapOOD: inputs of shape {tuple(x.shape[1:])}, "
                                     f"fitted on {self.decoder.image_shape}")
         z, pred = self._encode(x)
-        return self.decoder(self._normalise(z.float()), pred)
+        return self.decoder(self._normalise(z), pred)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

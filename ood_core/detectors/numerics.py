@@ -1,22 +1,19 @@
 """Numerical building blocks shared by the detectors.
 
 * :func:`sum64` / :func:`mean64`: column sums / means as float64 of float32 data without a float64 copy of
-  the whole matrix: ``exact=True`` converts cache-sized row blocks to float64; ``exact=False`` sums row
-  blocks in their dtype (torch's cascade summation, ~1e-7 relative) and adds the block sums in float64,
-  ~3x faster, for centring where nothing downstream depends on the last bits.
-* :func:`scatter`: the scatter matrix :math:`\\sum_i (x_i - c)(x_i - c)^\\top` as float64, from cache-sized
-  row blocks (no copy of the data: large temporaries cost page faults), computing only the
-  lower-triangular panel blocks (the matrix is symmetric): about 0.6x the flops of ``x.T @ x``. In float64
-  (:func:`scatter64`, for covariances that get inverted) or in float32: products summed in float32 within
-  a block, blocks summed in float64, about a point near the mean (the "shifted data" algorithm) then
-  moved to ``c`` exactly in float64.
-* :func:`row_slices`: row chunks for predictions whose temporaries would otherwise be large;
-  :func:`centred_norms` uses them.
-* :func:`ridge_whitener`: ``L^{-1}`` of a covariance plus a relative ridge (Cholesky, eigenvalue clip fallback).
-* :func:`one_thread`: small dense factorisations (``eigh``, Cholesky of a D x D matrix) on one CPU thread.
-  LAPACK's threaded ``eigh`` of a 512 x 512 matrix took 0.3-2.6 s with 2 threads on 2 busy cores against
-  0.03-0.1 s on one thread (this machine, load 4-7): threads waiting on each other dominate at this size.
-* :func:`lower_matmul_t`: ``x @ L.T`` for a lower-triangular ``L`` (whitening), skipping the zero blocks.
+  the whole matrix: ``exact=True`` converts row blocks to float64; ``exact=False`` sums row blocks in their
+  dtype (torch's cascade summation, ~1e-7 relative) and adds the block sums in float64, for centring where
+  nothing downstream depends on the last bits.
+* :func:`float64_blocks`: row blocks of ``x - center`` in float64, one reused buffer (no float64 copy of ``x``).
+* :func:`scatter` / :func:`scatter64`: the scatter matrix :math:`\\sum_i (x_i - c)(x_i - c)^\\top` as float64,
+  from row blocks: in float64 throughout, or with float32 products about a point near the mean ("shifted
+  data") summed in float64 (precision of one float32 block product, not of a float32 sum over all rows).
+* :func:`cholesky_whitener`: ``L^{-1}`` and ``log det`` of ``cov + ridge I`` (Cholesky, float64).
+* :func:`one_thread`: small dense factorisations (``eigh``, Cholesky of a D x D matrix) on one CPU thread:
+  LAPACK's threaded ``eigh`` of a 512 x 512 matrix takes 0.2-4 s with 2 threads on 2 busy cores against
+  0.03-0.06 s on one thread.
+* :func:`row_slices` / :func:`by_row_blocks`: a row-wise score evaluated on row blocks, so that its
+  temporaries stay small (on the CPU, large fresh temporaries cost page faults).
 * :func:`percentiles` / :func:`percentiles_dim0`: ``numpy.percentile`` (linear interpolation) of all
   entries or per column, by partial selection (``numpy.partition`` on CPU, ``kthvalue`` elsewhere), several
   percentiles in one pass.
@@ -24,7 +21,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,8 +33,6 @@ BLOCK_ROWS = 1024
 SCATTER_ROWS = 2048
 #: bytes per row block of the chunked predictions (:func:`row_slices`)
 BLOCK_BYTES = 8 << 20
-#: columns per panel of :func:`add_scatter_` and :func:`lower_matmul_t`
-PANEL = 128
 
 
 def sum64(x: Tensor, exact: bool = True) -> Tensor:
@@ -66,13 +61,16 @@ def row_slices(x: Tensor, width: Optional[int] = None, block_bytes: int = BLOCK_
     return [slice(s, s + rows) for s in range(0, x.shape[0], rows)]
 
 
-def centred_norms(z: Tensor, center: Tensor) -> Tensor:
-    """``|z_i - c|`` ``(N,)`` in the dtype of ``z``, by row chunks (no full-size temporary)."""
-    c = center.to(device=z.device, dtype=z.dtype)
-    out = z.new_empty(z.shape[0])
-    for rows in row_slices(z):
-        torch.linalg.vector_norm(z[rows] - c, dim=1, out=out[rows])
-    return out
+def by_row_blocks(fn: Callable[[Tensor], Tensor], x: Tensor, block_bytes: int = BLOCK_BYTES) -> Tensor:
+    """``fn(x)`` for a row-wise ``fn`` (output row ``i`` depends on input row ``i`` only), evaluated on row
+    blocks of about ``block_bytes`` of ``x`` on the CPU and concatenated: the temporaries of ``fn`` stay small
+    and the allocator reuses them, where full-size ones are mapped afresh on every call (page faults: scoring
+    20,000 x 512 features in one piece took 2x the CPU time of Mahalanobis and GMM's blocks). On other devices
+    (caching allocators) ``fn(x)`` in one call."""
+    slices = row_slices(x, block_bytes=block_bytes) if x.device.type == "cpu" else []
+    if len(slices) <= 1:
+        return fn(x)
+    return torch.cat([fn(x[rows]) for rows in slices])
 
 
 def float64_blocks(x: Tensor, center: Optional[Tensor] = None, rows: int = SCATTER_ROWS):
@@ -95,73 +93,41 @@ def float64_blocks(x: Tensor, center: Optional[Tensor] = None, rows: int = SCATT
         yield s, out
 
 
-def add_scatter_(out: Tensor, x: Tensor, beta: float = 1.0) -> Tensor:
-    """``out = beta * out + x.T @ x`` on and below the diagonal only (``PANEL``-column panels; about 0.6x
-    the flops of the full product for D = 512); :func:`mirror_lower` completes the matrix."""
-    d = x.shape[1]
-    for a in range(0, d, PANEL):
-        b = min(a + PANEL, d)
-        out[a:b, :b].addmm_(x[:, a:b].T, x[:, :b], beta=beta)  # rows a:b of the lower triangle
-    return out
-
-
-def mirror_lower(out: Tensor) -> Tensor:
-    """The symmetric matrix whose lower triangle is that of ``out``."""
-    return torch.tril(out) + torch.tril(out, -1).T
-
-
 def scatter(x: Tensor, center: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
     r"""``sum_i (x_i - c)(x_i - c)^T`` as float64 ``(D, D)`` for ``x`` ``(N, D)`` (``c = 0`` if ``center`` is
     None), with products in ``dtype`` (default: that of ``x``, float32 at least).
 
-    * float64: :func:`float64_blocks` of ``x - c`` and :func:`add_scatter_`, all in float64.
-    * float32: ``SCATTER_ROWS``-row blocks of ``x - p`` in float32, ``p`` the float32-rounded mean of
-      the first block (any point near the data's centre serves), multiplied in float32 and summed in
-      float64; then the exact move from ``p`` to ``c``,
+    * float64: float64 row blocks of ``x - c`` (:func:`float64_blocks`), products and sums in float64.
+    * float32: ``SCATTER_ROWS``-row blocks of ``x - p`` in float32, ``p`` the mean of the first block (any
+      point near the data's centre serves), multiplied in float32 and summed in float64; then the exact move
+      from ``p`` to ``c`` in float64,
       :math:`S_c = S_p + s\,\delta^\top + \delta\, s^\top + N \delta\delta^\top` with
-      :math:`\delta = p - c`, :math:`s = \sum_i (x_i - p)`, in float64. Centring near the mean keeps
-      the float32 partial sums at the spread of the data instead of its offset (the relative error is
-      about that of one float32 dot product over a block, ~1e-7 to 1e-6, not of a sum over all of N).
+      :math:`\delta = p - c`, :math:`s = \sum_i (x_i - p)`. Centring near the mean keeps the float32 partial
+      sums at the spread of the data instead of its offset (relative error ~1e-7 to 1e-6: that of one
+      float32 product over a block, not of a float32 sum over all of N).
     """
     dtype = dtype or (x.dtype if x.dtype == torch.float64 else torch.float32)
     n, d = x.shape
     out = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     if dtype == torch.float64:
         for _, blk in float64_blocks(x, center):
-            add_scatter_(out, blk)
-        return mirror_lower(out)
-    pivot = mean64(x[:SCATTER_ROWS], exact=False).to(dtype)  # a centre: the first block's mean serves
+            out.addmm_(blk.T, blk)
+        return 0.5 * (out + out.T)
+    pivot = x[:SCATTER_ROWS].to(dtype).mean(dim=0)
     total = torch.zeros(d, dtype=torch.float64, device=x.device)  # s = sum_i (x_i - p)
-    acc = torch.zeros(d, d, dtype=dtype, device=x.device)  # one block's lower panels (upper stays 0)
-    buf = torch.empty(min(SCATTER_ROWS, n), d, dtype=dtype, device=x.device)
     for s in range(0, n, SCATTER_ROWS):
-        blk = x[s : s + SCATTER_ROWS]
-        xc = buf[: blk.shape[0]]
-        torch.sub(blk, pivot, out=xc)
-        total += xc.sum(dim=0).to(torch.float64)
-        out += add_scatter_(acc, xc, beta=0.0)
-    out = mirror_lower(out)
-    delta = pivot.to(torch.float64) - (0.0 if center is None else center.to(device=x.device, dtype=torch.float64))
+        xc = x[s : s + SCATTER_ROWS].to(dtype) - pivot
+        total += xc.sum(dim=0, dtype=torch.float64)
+        out += (xc.T @ xc).double()
+    delta = pivot.double() - (0.0 if center is None else center.to(device=x.device, dtype=torch.float64))
     cross = torch.outer(total, delta)
-    return out.add_(cross + cross.T).add_(torch.outer(delta, delta), alpha=n)  # stays exactly symmetric
+    out = out.add_(cross + cross.T).add_(torch.outer(delta, delta), alpha=n)
+    return 0.5 * (out + out.T)
 
 
 def scatter64(x: Tensor, center: Optional[Tensor] = None) -> Tensor:
     """``sum_i (x_i - c)(x_i - c)^T`` in float64 throughout, ``(D, D)``: :func:`scatter` in float64."""
     return scatter(x, center, torch.float64)
-
-
-def lower_matmul_t(x: Tensor, low: Tensor) -> Tensor:
-    """``x @ low.T`` for a lower-triangular ``low`` ``(D, D)``: output panel ``a:b`` only needs ``x[:, :b]``
-    (``PANEL``-column panels; about 0.6x the flops of the full product for D = 512)."""
-    d = low.shape[0]
-    if d <= 2 * PANEL:
-        return x @ low.T
-    out = torch.empty(x.shape[0], d, dtype=x.dtype, device=x.device)
-    for a in range(0, d, PANEL):
-        b = min(a + PANEL, d)
-        out[:, a:b].addmm_(x[:, :b], low[a:b, :b].T, beta=0)  # written in place (beta=0 ignores out)
-    return out
 
 
 @contextmanager
@@ -178,21 +144,21 @@ def one_thread(t: Tensor) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def ridge_whitener(cov: Tensor, rel_ridge: float, trace_floor: float) -> Tuple[Tensor, float, float]:
-    """``(L^{-1}, ridge, log det)`` of ``cov + ridge I`` with ``ridge = rel_ridge * max(tr, floor) / D`` (float64)."""
+def cholesky_whitener(cov: Tensor, ridge: float) -> Tuple[Tensor, float]:
+    """``(L^{-1}, log det)`` of ``cov + ridge I = L L^T`` (float64, ``L`` lower triangular), so that
+    ``|L^{-1} x|^2 = x^T (cov + ridge I)^{-1} x``. Where the matrix is numerically indefinite despite the
+    ridge, its eigenvalues are clipped at ``ridge`` first."""
     d = cov.shape[0]
     cov = 0.5 * (cov + cov.T)
-    trace = max(float(torch.diagonal(cov).sum()), trace_floor)
-    ridge = rel_ridge * (trace / d if trace > 0 else 1.0)
     cov.diagonal().add_(ridge)
     with one_thread(cov):
         chol, info = torch.linalg.cholesky_ex(cov)
-        if int(info) != 0:  # numerically indefinite despite the ridge: clip eigenvalues
+        if int(info) != 0:
             evals, evecs = torch.linalg.eigh(cov)
             chol = torch.linalg.cholesky((evecs * evals.clamp(min=ridge)) @ evecs.T)
         eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
         whitener = torch.linalg.solve_triangular(chol, eye, upper=False)
-    return whitener, ridge, float(2.0 * torch.diagonal(chol).log().sum())
+    return whitener, float(2.0 * torch.diagonal(chol).log().sum())
 
 
 def _numpy_ok(x: Tensor) -> bool:

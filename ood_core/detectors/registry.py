@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from ..api import Detector
-from .knn import KNN
+from .knn import KNN, NNGuide
 from .logits import EnergyBased, MaxLogit, MaxSoftmax
 from .mahalanobis import Mahalanobis
 from .feature_stats import GMM, NCI, NECO, RMD, fDBD
-from .neighbours import DICE, SHE, NNGuide
+from .she import SHE
+from .dice import DICE
 from .openmax import OpenMax
 from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
 from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
@@ -41,7 +42,7 @@ from .vim import ViM
 
 REPRESENTATIONS = ("logits", "features", "feature_maps", "layers", "model")
 #: constructor arguments that are wiring, not hyperparameters
-_WIRING = {"self", "model", "head", "w", "b", "backbone", "encoder"}
+_WIRING = {"self", "model", "head", "w", "b", "backbone", "encoder", "feature_layers", "num_classes"}
 
 
 @dataclass(frozen=True)
@@ -105,14 +106,32 @@ for _cls in (
 
 
 def get_spec(name: str) -> DetectorSpec:
-    """Spec of detector ``name`` (case-insensitive). KeyError listing the known names otherwise."""
+    """Spec of detector ``name`` (case-insensitive), or of a class given by import path
+    ``"package.module:ClassName"`` (a detector of your own; it is imported and registered under that path).
+    KeyError listing the known names otherwise."""
     if isinstance(name, str):
         if name in REGISTRY:
             return REGISTRY[name]
         for key, spec in REGISTRY.items():
             if key.lower() == name.lower():
                 return spec
-    raise KeyError(f"unknown detector {name!r}; known detectors: {', '.join(sorted(REGISTRY))}")
+        if ":" in name:
+            return register(_import_detector(name), name)
+    raise KeyError(f"unknown detector {name!r}; known detectors: {', '.join(sorted(REGISTRY))} "
+                   "(or a class of your own as 'package.module:ClassName')")
+
+
+def _import_detector(path: str) -> type:
+    import importlib
+
+    module, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise KeyError(f"cannot import detector {path!r}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Detector)):
+        raise KeyError(f"{path!r} is not a subclass of ood_core.api.Detector")
+    return cls
 
 
 def detector_params(name: str) -> List[str]:

@@ -1,17 +1,20 @@
-"""LA-OOD and its early-exit variant vs plainly written references (scikit-learn OneClassSVM, loops)."""
+"""ood_core/detectors/la_ood.py: LA-OOD and its early-exit variant vs plainly written references (scikit-learn
+OneClassSVM, loops)."""
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 import torch
-from scipy.spatial import Delaunay
 from sklearn.svm import OneClassSVM
 
 from ood_core.api import InvalidInputError, RequiresFitException
+from ood_core.constraints import ParameterError
 from ood_core.detectors import (
     LAOOD, LAOODEarlyExit, build_detector, detector_params, fit_detector, get_spec, score_detector,
 )
-from ood_core.detectors.ocsvm import rbf_decision, select_gamma, self_adaptive_shifting
+from ood_core.detectors.ocsvm import rbf_decision
 from ood_core.metrics import auroc
 
 LAYERS = ["l0", "l1", "l2"]
@@ -66,6 +69,12 @@ def ref_laood(det, train, y, test):
         per_layer.append((t - held.mean()) / held.std())
     z = np.stack(per_layer, axis=1)
     return z, z.max(axis=1)
+
+
+def exits_of(det, reps):
+    scores, details = det.predict_structured_details(reps)
+    assert set(details) == {"exit_layer"}
+    return scores, details["exit_layer"]
 
 
 def ref_exits(z, lo, hi):
@@ -136,35 +145,14 @@ def test_fixed_gamma_and_seed_reproducible(data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_scores_on_cuda_inputs(data, fitted):
     cuda = {k: v.cuda() for k, v in data["ood"].items()}
-    scores = fitted.predict_structured(cuda)
+    scores = copy.deepcopy(fitted).to("cuda").predict_structured(cuda)
     assert scores.device.type == "cuda"
     torch.testing.assert_close(scores.cpu(), fitted.predict_structured(data["ood"]), rtol=1e-5, atol=1e-5)
     early = LAOODEarlyExit(layers=LAYERS, seed=3, gamma=fitted.gammas_).fit_structured(
         {k: v.cuda() for k, v in data["train"].items()}, data["y"].cuda()
     )
-    s, e = early.predict_with_exits(cuda)
-    assert s.device.type == "cuda" and e.device.type == "cuda"
-
-
-# -- self-adaptive data shifting -----------------------------------------------------------------------
-def test_self_adaptive_shifting_on_2d_toy():
-    rng = np.random.default_rng(1)
-    x = rng.uniform(-1, 1, size=(400, 2))
-    outliers, targets, edge = self_adaptive_shifting(x)
-    hull = Delaunay(x)
-    assert 0 < edge.sum() < 0.25 * len(x) and len(outliers) == edge.sum() and len(targets) == len(x)
-    assert np.mean(hull.find_simplex(outliers) < 0) >= 0.9  # pseudo outliers outside the data hull
-    assert np.all(hull.find_simplex(targets) >= 0)  # pseudo targets inside it
-    # edge patterns lie near the border of the square
-    assert np.mean(np.abs(x[edge]).max(axis=1) > 0.8) >= 0.8
-    grid = [g / 2 for g in np.logspace(-2, 2, 9)]
-    gamma, svm, errors = select_gamma(x, outliers, targets, grid, nu=0.001)
-    assert grid[0] < gamma < grid[-1] and errors.min() < 0.15 and errors[0] > 0.3 and errors[-1] > 0.3
-    assert gamma == grid[int(np.argmin(errors))]
-    fresh = rng.uniform(-1, 1, size=(500, 2))
-    ring = rng.uniform(-1.6, 1.6, size=(4000, 2))
-    ring = ring[np.abs(ring).max(axis=1) > 1.3]
-    assert np.mean(svm.predict(fresh) == 1) >= 0.9 and np.mean(svm.predict(ring) == -1) >= 0.9
+    s, details = early.predict_structured_details(cuda)
+    assert s.device.type == "cuda" and details["exit_layer"].device.type == "cuda"
 
 
 # -- early exit ----------------------------------------------------------------------------------------
@@ -179,9 +167,11 @@ def test_early_exit_matches_loop(data, fitted, early):
     torch.testing.assert_close(early.predict_per_layer(test), fitted.predict_per_layer(test))
     lo, hi = early.thresholds()
     h = early.holdout_scores_.numpy()
+    lo, hi = lo.numpy(), hi.numpy()
     np.testing.assert_allclose(lo, np.quantile(h, 0.1, axis=0))
     np.testing.assert_allclose(hi, np.quantile(h, 0.99, axis=0))
-    scores, exits = early.predict_with_exits(test)
+    scores, details = early.predict_structured_details(test)
+    exits = details["exit_layer"]
     ref_s, ref_e = ref_exits(z, lo, hi)
     np.testing.assert_array_equal(exits.numpy(), ref_e)
     np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=1e-5, atol=1e-5)
@@ -190,7 +180,7 @@ def test_early_exit_matches_loop(data, fitted, early):
     ex = LAOODEarlyExit(layers=LAYERS, seed=3, gamma=fitted.gammas_, t_low=[-1.0, -0.5, -2.0], t_high=2.5)
     ex.fit_structured(data["train"], data["y"])
     ref_s, ref_e = ref_exits(z, [-1.0, -0.5, -2.0], [2.5] * 3)
-    scores, exits = ex.predict_with_exits(test)
+    scores, exits = exits_of(ex, test)
     np.testing.assert_array_equal(exits.numpy(), ref_e)
     np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=1e-5, atol=1e-5)
 
@@ -206,14 +196,14 @@ def test_early_exit_saves_layers_when_decisive(data, early):
 def test_early_exit_without_exits_is_laood(data, fitted):
     never = LAOODEarlyExit(layers=LAYERS, seed=3, gamma=fitted.gammas_, q_low=0.0, q_high=1.0)
     never.fit_structured(data["train"], data["y"])
-    scores, exits = never.predict_with_exits(data["ood"])
+    scores, exits = exits_of(never, data["ood"])
     assert (exits == 2).all() and never.average_layers_used(data["ood"]) == 3.0
     torch.testing.assert_close(scores, fitted.predict_structured(data["ood"]))
 
 
 def test_early_exit_batch_independence(data, early):
-    full_s, full_e = early.predict_with_exits(data["ood0"])
-    parts = [early.predict_with_exits({k: v[i : i + 50] for k, v in data["ood0"].items()}) for i in range(0, 200, 50)]
+    full_s, full_e = exits_of(early, data["ood0"])
+    parts = [exits_of(early, {k: v[i : i + 50] for k, v in data["ood0"].items()}) for i in range(0, 200, 50)]
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), full_s)
     assert torch.equal(torch.cat([p[1] for p in parts]), full_e)
 
@@ -226,7 +216,8 @@ def test_registry(data):
         assert "layers" in detector_params(name)
         assert set(spec.search_space) <= set(detector_params(name))
     assert get_spec("LAOOD").search_space == {}
-    assert get_spec("LAOODEarlyExit").search_space == {"q_low": {"grid": [0.0, 0.1, 0.5]}, "q_high": {"grid": [0.95, 0.99]}}
+    assert get_spec("LAOODEarlyExit").search_space == {"q_low": {"grid": [0.0, 0.1, 0.5]},
+                                                       "q_high": {"grid": [0.95, 0.99]}}
     det = build_detector("LAOODEarlyExit", {"layers": ["l0", "l1"], "q_low": 0.0, "gamma": 0.2})
     assert fit_detector(det, data["train"], data["y"]) is det
     scores = score_detector(det, data["id"])
@@ -237,7 +228,7 @@ def test_errors_name_the_detector(data, fitted):
     with pytest.raises(RequiresFitException, match="LAOOD: call fit"):
         LAOOD(layers=LAYERS).predict_structured(data["id"])
     with pytest.raises(RequiresFitException, match="LAOODEarlyExit: call fit"):
-        LAOODEarlyExit(layers=LAYERS).predict_with_exits(data["id"])
+        LAOODEarlyExit(layers=LAYERS).predict_structured_details(data["id"])
     bad = dict(data["id"])
     bad["l1"] = bad["l1"].clone()
     bad["l1"][3, 0] = float("nan")
@@ -245,17 +236,34 @@ def test_errors_name_the_detector(data, fitted):
         fitted.predict_structured(bad)
     with pytest.raises(InvalidInputError, match=r"LAOOD: needs the column 'l2'"):
         fitted.predict_structured({"l0": data["id"]["l0"], "l1": data["id"]["l1"]})
-    with pytest.raises(InvalidInputError, match=r"LAOOD: column 'l0' has 3 features, fitted on 4"):
+    with pytest.raises(InvalidInputError, match=r"LAOOD: column 'l0' has width 3, but .* fitted for width 4"):
         fitted.predict_structured({**data["id"], "l0": data["id"]["l0"][:, :3]})
-    with pytest.raises(InvalidInputError, match="LAOOD: columns"):
+    with pytest.raises(InvalidInputError, match="LAOOD: columns .* different row counts"):
         fitted.predict_structured({**data["id"], "l0": data["id"]["l0"][:10]})
     with pytest.raises(InvalidInputError, match="LAOOD: needs at least 10 ID training rows"):
         LAOOD(layers=["l0"]).fit_structured({"l0": torch.randn(5, 2)}, torch.zeros(5))
     with pytest.raises(InvalidInputError, match="LAOODEarlyExit: column 'l0' contains NaN"):
         LAOODEarlyExit(layers=["l0"]).fit_structured({"l0": torch.full((20, 2), float("nan"))}, torch.zeros(20))
-    with pytest.raises(ValueError, match="LAOOD: layers must be a non-empty list"):
+
+
+def test_declared_constraints():
+    with pytest.raises(ParameterError, match=r"LAOOD: layers=\[\] must have at least 1"):
         LAOOD(layers=[])
-    with pytest.raises(ValueError, match="LAOODEarlyExit: t_low needs one value per layer"):
+    with pytest.raises(ParameterError, match=r"LAOODEarlyExit: t_low=\[0.0, 1.0\] must have 3 items \(L: the number"):
         LAOODEarlyExit(layers=LAYERS, t_low=[0.0, 1.0])
-    with pytest.raises(ValueError, match="LAOOD: nu must be"):
+    with pytest.raises(ParameterError, match=r"LAOOD: nu=0.0 must be in \(0, 1\]"):
         LAOOD(layers=LAYERS, nu=0.0)
+    with pytest.raises(ParameterError, match=r"LAOOD: gamma=\[0.1, 0.0\] item 1 \(0.0\) must be in \(0, inf\)"):
+        LAOOD(layers=["a", "b"], gamma=[0.1, 0.0])
+    with pytest.raises(ParameterError, match=r"LAOOD: max_fit_samples=5 must be in \[10, inf\)"):
+        LAOOD(layers=LAYERS, max_fit_samples=5)
+    with pytest.raises(ParameterError, match=r"LAOODEarlyExit: q_high=1.5 must be in \[0, 1\]"):
+        LAOODEarlyExit(layers=LAYERS, q_high=1.5)
+    structural = {k for k, p in LAOODEarlyExit.parameter_constraints.items() if p.structural}
+    assert structural == set(LAOOD.parameter_constraints)  # the exit thresholds only change the scoring
+
+
+def test_k_beyond_the_training_rows_is_refused_in_fit(data):
+    """k (neighbours of the edge detection) <= N - 1, N the ID training rows (480 here: 20 rows are < 0)."""
+    with pytest.raises(ParameterError, match=r"LAOOD: k=480 must be in \[1, N - 1=479\]"):
+        LAOOD(layers=["l0"], k=480).fit_structured(data["train"], data["y"])

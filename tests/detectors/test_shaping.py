@@ -1,4 +1,5 @@
-"""ASH, SCALE, VRA, RankFeat vs plainly written references and pytorch-ood 0.4.0.
+"""ASH, SCALE, VRA, RankFeat vs plainly written references (numpy float64, loops) and pytorch-ood 0.4.0;
+their constructors (pytorch-ood's positional order and names, percent units).
 
 Agreement with pytorch-ood (feature maps, head = global average pooling + the same linear layer):
 ASH (all variants), SCALE, VRA (``per_dimension=True, below="clip"``, percentiles x 100), RankFeat (svd):
@@ -12,8 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from torch import nn
+
 from ood_core.api import DetectorError, InvalidInputError, RequiresFitException
-from ood_core.detectors import ASH, SCALE, VRA, RankFeat, build_detector, fit_detector, get_spec, score_detector
+from ood_core.constraints import ParameterError
+from ood_core.detectors import (ASH, SCALE, VRA, MaxLogit, RankFeat, build_detector, fit_detector, get_spec,
+                                score_detector)
 
 
 # -- references (numpy float64, loops) ---------------------------------------------------------------
@@ -100,7 +105,7 @@ def _linear(w, b):
 
 
 @pytest.mark.parametrize("variant", ["ash-p", "ash-b", "ash-s"])
-@pytest.mark.parametrize("percentile", [0, 65, 90])
+@pytest.mark.parametrize("percentile", [2, 65, 90])
 def test_ash_matches_reference(data, variant, percentile):
     for x, w in ((data["maps"], data["w"]), (data["feats"], data["w16"])):
         det = ASH(head=(w, data["b"]), percentile=percentile, variant=variant)
@@ -148,7 +153,7 @@ def test_vra_ignores_ood_labels_in_fit(data):
     y[:10] = -1
     a = VRA(head=(data["w16"], data["b"])).fit_features(x, y)
     b = VRA(head=(data["w16"], data["b"])).fit_features(x[10:], y[10:])
-    assert a.lower == b.lower and a.upper == b.upper
+    assert a.lower_ == b.lower_ and a.upper_ == b.upper_
 
 
 def test_rankfeat_matches_reference(data):
@@ -213,7 +218,7 @@ def test_vra_vs_pytorch_ood(data, lower, upper):
     theirs.fit_feature_maps(data["maps"], data["y"])
     ours = VRA(head=(data["w"], data["b"]), lower_percentile=lower, upper_percentile=upper, per_dimension=True,
                below="clip").fit_feature_maps(data["maps"], data["y"])
-    torch.testing.assert_close(ours.lower, theirs._lower_threshold, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.lower_, theirs._lower_threshold, rtol=1e-5, atol=1e-6)
     x = torch.cat([data["maps"], data["ood"]])
     _agree(ours.predict_feature_maps(x), theirs.predict_feature_maps(x))
 
@@ -223,6 +228,39 @@ def test_rankfeat_vs_pytorch_ood(data):
     x = torch.cat([data["maps"], data["ood"]])
     theirs = pod.RankFeat(backbone=None, head=_pod_head(data["w"], data["b"])).predict_feature_maps(x)
     _agree(RankFeat(head=(data["w"], data["b"])).predict_feature_maps(x), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_pytorch_ood_positional_signatures(data):
+    """Each detector built the pytorch-ood way (backbone, head = pooling + linear, positional parameters in
+    their order, a pytorch-ood scoring function) gives pytorch-ood's scores through ``predict``."""
+    pod = pytest.importorskip("pytorch_ood.detector")
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    head = _pod_head(data["w"], data["b"])
+    x = torch.randn(12, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(12) % 5
+    pairs = [
+        (ASH(backbone, head, "ash-b", 70, pod.EnergyBased.score), pod.ASH(backbone, head, "ash-b", 0.7,
+                                                                            pod.EnergyBased.score)),
+        (ASH(backbone=backbone, head=head, variant="ash-p", percentile=80, detector=pod.MaxLogit.score),
+         pod.ASH(backbone=backbone, head=head, variant="ash-p", percentile=0.8, detector=pod.MaxLogit.score)),
+        (SCALE(backbone, head, 85, pod.MaxSoftmax.score), pod.SCALE(backbone, head, 0.85, pod.MaxSoftmax.score)),
+        (VRA(backbone, head, 5, 95, pod.EnergyBased.score, True, "clip"),
+         pod.VRA(backbone, head, 0.05, 0.95, pod.EnergyBased.score)),
+        (RankFeat(backbone, head, pod.EnergyBased.score), pod.RankFeat(backbone, head, pod.EnergyBased.score)),
+    ]
+    for ours, theirs in pairs:
+        if isinstance(ours, VRA):
+            ours.fit([(x, y)])
+            theirs.fit([(x, y)])
+        with torch.no_grad():
+            _agree(ours.predict(x), theirs.predict(x))
+
+
+def test_scoring_function_as_callable(data):
+    det = ASH(head=(data["w"], data["b"]), percentile=80, variant="ash-p", detector="maxlogit")
+    for fn in (MaxLogit.score, MaxLogit(), lambda logits: -logits.amax(dim=1)):
+        same = ASH(head=(data["w"], data["b"]), percentile=80, variant="ash-p", detector=fn)
+        torch.testing.assert_close(same.predict_feature_maps(data["maps"]), det.predict_feature_maps(data["maps"]))
 
 
 # -- batch independence, robustness, registry ---------------------------------------------------------------
@@ -272,18 +310,58 @@ def test_invalid_inputs_name_the_detector(data):
 
 def test_parameter_errors(data):
     head = (data["w"], data["b"])
-    with pytest.raises(ValueError, match="ASH: percentile"):
-        ASH(head=head, percentile=100)
-    with pytest.raises(ValueError, match="ASH: variant"):
+    with pytest.raises(ParameterError, match=r"ASH: percentile=101 must be in \(1, 100\]"):
+        ASH(head=head, percentile=101)
+    with pytest.raises(ParameterError, match="ASH: variant='ash-x' must be one of 'ash-p', 'ash-b', 'ash-s'"):
         ASH(head=head, variant="ash-x")
-    with pytest.raises(ValueError, match="SCALE: percentile"):
+    with pytest.raises(ParameterError, match=r"SCALE: percentile=-1 must be in \(1, 100\]"):
         SCALE(head=head, percentile=-1)
-    with pytest.raises(ValueError, match="VRA: lower_percentile must not exceed"):
+    with pytest.raises(ParameterError, match="VRA: lower_percentile=95 must not exceed upper_percentile=90"):
         VRA(head=head, lower_percentile=95, upper_percentile=90)
-    with pytest.raises(ValueError, match="RankFeat: method"):
+    with pytest.raises(ParameterError, match="RankFeat: method='qr' must be one of 'svd', 'power'"):
         RankFeat(head=head, method="qr")
+    with pytest.raises(ParameterError, match="RankFeat: iterations=0 must be in"):
+        RankFeat(head=head, iterations=0)
+    with pytest.raises(ParameterError, match="VRA: below='none' must be one of 'zero', 'clip'"):
+        VRA(head=head, below="none")
+    with pytest.raises(ParameterError, match="SCALE: detector=3 must be one of 'energy', 'msp', 'maxlogit'"):
+        SCALE(head=head, detector=3)
     with pytest.raises(ValueError, match="head weights"):
         ASH(head=(data["b"], data["b"]))
+    ASH(head=head, percentile=100)  # keeps the largest activation only
+    VRA(head=head, lower_percentile=1, upper_percentile=1.5)  # the 1st percentile (pytorch-ood's 0.01)
+
+
+@pytest.mark.parametrize("make,name,value", [
+    (lambda h, v: ASH(head=h, percentile=v), "percentile", 0.65),
+    (lambda h, v: ASH(None, h, "ash-s", v), "percentile", 0.9),
+    (lambda h, v: SCALE(None, h, v), "percentile", 0.65),
+    (lambda h, v: VRA(head=h, upper_percentile=v), "upper_percentile", 0.99),
+    (lambda h, v: VRA(head=h, upper_percentile=v), "upper_percentile", 1.0),
+])
+def test_fractions_are_refused_with_the_hint(data, make, name, value):
+    with pytest.raises(ParameterError, match=rf"{name}={value!r} must be in \(1, 100\]; it is in percent: "
+                                             rf"write {name}=90 for the 90th percentile \(pytorch-ood's {name}=0.9\)"):
+        make((data["w"], data["b"]), value)
+
+
+@pytest.mark.parametrize("value", [0.01, 0.5, 0])
+def test_vra_lower_fraction_is_refused_with_the_hint(data, value):
+    with pytest.raises(ParameterError, match=rf"VRA: lower_percentile={value!r} must be in \[1, 100\]; it is in "
+                                             r"percent: write lower_percentile=1 for the 1st percentile"):
+        VRA(head=(data["w"], data["b"]), lower_percentile=value)
+
+
+def test_contract_declarations():
+    assert [n for n, p in ASH.parameter_constraints.items() if p.structural] == []
+    assert [n for n, p in SCALE.parameter_constraints.items() if p.structural] == []
+    assert [n for n, p in RankFeat.parameter_constraints.items() if p.structural] == []
+    assert [n for n, p in VRA.parameter_constraints.items() if p.structural] == ["lower_percentile",
+                                                                               "upper_percentile", "per_dimension"]
+    assert ASH.representation == SCALE.representation == VRA.representation == "features"
+    assert RankFeat.representation == "feature_maps"
+    assert all(c.needs_head and not c.needs_outliers for c in (ASH, SCALE, VRA, RankFeat))
+    assert VRA.requires_fit and not (ASH.requires_fit or SCALE.requires_fit or RankFeat.requires_fit)
 
 
 def test_constant_and_duplicated_inputs_are_finite(data):
@@ -304,7 +382,7 @@ def test_float64_and_device_follow_input(data):
     det = ASH(head=(data["w"], data["b"]))
     assert det.predict_feature_maps(data["maps"].double()).dtype == torch.float64
     vra = VRA(head=(data["w"], data["b"]), per_dimension=True).fit_feature_maps(data["maps"], data["y"])
-    assert vra.to("meta").lower.device.type == "meta" and vra.w.device.type == "meta"
+    assert vra.to("meta").lower_.device.type == "meta" and vra.w.device.type == "meta"
 
 
 def test_registry_dispatch(data):
@@ -329,4 +407,4 @@ def test_predict_with_model(data):
     with torch.no_grad():
         torch.testing.assert_close(det.predict(x), det.predict_feature_maps(backbone(x)))
     vra = VRA(model=backbone, head=(data["w"], data["b"])).fit([(x, torch.zeros(5, dtype=torch.long))])
-    assert vra.upper is not None and vra.predict(x).shape == (5,)
+    assert vra.upper_ is not None and vra.predict(x).shape == (5,)

@@ -1,6 +1,6 @@
-"""HeatmapOOD (Hornauer & Belagiannis, WACV 2023): loss, score, prototypes and one training step against plain
-references; it separates outliers after training; batch independence and errors. pytorch-ood has no such
-detector (no agreement test)."""
+"""HeatmapOOD (``ood_core.detectors.heatmap``; Hornauer & Belagiannis, WACV 2023): loss, score, prototypes and one
+training step against plain references; it separates outliers after training; reproducibility, declared
+constraints and errors. pytorch-ood has no such detector (no agreement test)."""
 from __future__ import annotations
 
 import itertools
@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from ood_core.api import InvalidInputError, ModelNotSetException, RequiresFitException
+from ood_core.constraints import ParameterError
 from ood_core.detectors import HeatmapOOD, get_spec
 from ood_core.detectors.heatmap import HeatmapDecoder, heatmap_score, nearest_same_class, weighted_reconstruction_loss
 
@@ -124,17 +125,18 @@ def test_training_separates_outliers(net):
     assert roc_auc_score([0] * 200 + [1] * 200, torch.cat([s_id, s_ood]).numpy()) > 0.95
 
 
-def test_batch_independence_and_num_outliers(net):
+def test_num_outliers_subset_is_seeded(net):
     x_id, y_id = _images(60, "id", 0)
     x_ood, y_ood = _images(40, "ood", 1)
     det = HeatmapOOD(net, epochs=2, width=16, latent_dim=8, num_outliers=10)
     det.fit([(torch.cat([x_id, x_ood]), torch.cat([y_id, y_ood]))])
     test = torch.cat([x_id[:5], x_ood[:5]])
-    single = torch.cat([det.predict(test[i : i + 1]) for i in range(10)])
-    torch.testing.assert_close(single, det.predict(test), rtol=1e-5, atol=1e-6)
     again = HeatmapOOD(net, epochs=2, width=16, latent_dim=8, num_outliers=10)
     again.fit([(torch.cat([x_id, x_ood]), torch.cat([y_id, y_ood]))])
     torch.testing.assert_close(again.predict(test), det.predict(test))  # seeded: reproducible
+    other = HeatmapOOD(net, epochs=2, width=16, latent_dim=8, num_outliers=10, seed=1)
+    other.fit([(torch.cat([x_id, x_ood]), torch.cat([y_id, y_ood]))])
+    assert not torch.allclose(other.predict(test), det.predict(test))
 
 
 def test_errors(net):
@@ -148,8 +150,8 @@ def test_errors(net):
         HeatmapOOD(net, epochs=1).fit([(x_id, y_id)])
     with pytest.raises(InvalidInputError, match="HeatmapOOD.*no ID samples"):
         HeatmapOOD(net, epochs=1).fit([(x_ood, y_ood)])
-    with pytest.raises(ValueError, match="HeatmapOOD: epochs"):
-        HeatmapOOD(net, epochs=0)
+    with pytest.raises(InvalidInputError, match="HeatmapOOD: batches must be"):
+        HeatmapOOD(net, epochs=1).fit([x_id])
     det = HeatmapOOD(net, epochs=1, width=8, latent_dim=4).fit([(torch.cat([x_id, x_ood]), torch.cat([y_id, y_ood]))])
     bad = x_id[:2].clone()
     bad[0, 0, 0, 0] = float("nan")
@@ -159,9 +161,16 @@ def test_errors(net):
         det.predict(torch.zeros(2, 1, 10, 10))
 
 
-def test_registry_entry():
+def test_contract():
     spec = get_spec("heatmapood")
     assert (spec.name, spec.representation, spec.needs_outliers) == ("HeatmapOOD", "model", True)
+    for param, value, msg in (("epochs", 0, r"\[1, inf\)"), ("epochs", 1.5, "integer"), ("lr", 0.0, r"\(0, inf\)"),
+                              ("batch_size", 0, r"\[1, inf\)"), ("num_outliers", 0, r"\[1, inf\)"),
+                              ("width", 0, r"\[1, inf\)"), ("latent_dim", -1, r"\[1, inf\)"),
+                              ("seed", -1, r"\[0, inf\)")):
+        with pytest.raises(ParameterError, match=f"HeatmapOOD: {param}={value}.*{msg}"):
+            HeatmapOOD(**{param: value})
+    assert HeatmapOOD(num_outliers=None).get_params()["num_outliers"] is None
 
 
 def test_task_loader_labels_outliers_minus_one():

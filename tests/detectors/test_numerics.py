@@ -54,3 +54,34 @@ def test_scatter_float32_centring_beats_one_float32_product():
     err_ours = float((ours / len(x) - torch.outer(mean, mean) - cov_ref).abs().max())
     err_one = float((one_product / len(x) - torch.outer(mean, mean) - cov_ref).abs().max())
     assert err_ours * 10 < err_one, (err_ours, err_one)
+
+
+@pytest.mark.parametrize("ridge", [1e-6, 0.5])
+def test_cholesky_whitener_whitens_the_ridged_covariance(ridge):
+    x = _data(200, 12, 1.0).double()
+    x[:, :3] = 0.0  # singular: the ridge makes it invertible
+    cov = torch.cov(x.T, correction=0)
+    whitener, log_det = numerics.cholesky_whitener(cov.clone(), ridge)
+    ridged = cov + ridge * torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(whitener @ ridged @ whitener.T, torch.eye(12, dtype=torch.float64), atol=1e-8, rtol=0)
+    assert torch.equal(whitener, torch.tril(whitener))
+    assert log_det == pytest.approx(float(torch.logdet(ridged)), rel=1e-10)
+
+
+def test_cholesky_whitener_clips_an_indefinite_matrix():
+    cov = torch.diag(torch.tensor([1.0, 1e-3, -1.0], dtype=torch.float64))
+    whitener, _ = numerics.cholesky_whitener(cov, 1e-6)
+    assert torch.isfinite(whitener).all()
+    torch.testing.assert_close(whitener.diagonal(), torch.tensor([1 / (1 + 1e-6), 1 / (1e-3 + 1e-6), 1e6],
+                                                                 dtype=torch.float64).sqrt())
+
+
+def test_by_row_blocks_equals_one_call():
+    x = _data(1000, 16, 0.5)
+    w = _data(16, 5, 0.0, seed=1)
+    fn = lambda v: torch.logsumexp(v @ w, dim=1) + v.norm(dim=1)  # noqa: E731 - row-wise
+    calls = []
+    blocks = numerics.by_row_blocks(lambda v: calls.append(len(v)) or fn(v), x, block_bytes=16 * 4 * 300)
+    assert calls == [300, 300, 300, 100]
+    torch.testing.assert_close(blocks, fn(x))
+    assert numerics.by_row_blocks(fn, x[:0]).shape == (0,)
