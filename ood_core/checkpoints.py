@@ -20,18 +20,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
+import re
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ood_core import storage
+from ood_core.errors import UserCausedError
 
 FORMAT = "ood-sweep-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserCausedError):
     """A checkpoint is missing, unreadable, corrupt, or does not fit the model."""
 
 
@@ -55,13 +58,45 @@ def checkpoint_bytes(model: Union[nn.Module, Mapping[str, torch.Tensor]], meta: 
     return buf.getvalue()
 
 
-def save_checkpoint(uri: str, model: Union[nn.Module, Mapping[str, torch.Tensor]], meta: Dict[str, Any]) -> str:
+def save_checkpoint(uri: str, model: Union[nn.Module, Mapping[str, torch.Tensor]], meta: Dict[str, Any], *,
+                    record_hash: bool = False) -> str:
     """Write ``model``'s state dict (on CPU) and ``meta`` to ``uri`` atomically; return the
-    sha256 hex digest of the file's bytes."""
+    sha256 hex digest of the file's bytes. With ``record_hash`` the digest is also recorded in
+    ``<uri>.sha256`` (a cached checkpoint, checked on reuse by :func:`ood_core.storage.verify_cached`)."""
     data = checkpoint_bytes(model, meta)
-    with storage.atomic_output(uri) as out:
+    with storage.atomic_output(uri, record_hash=record_hash) as out:
         out.write(data)
     return sha256_bytes(data)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_GLOBAL = re.compile(r"GLOBAL\s+([A-Za-z_][\w.]*)")
+
+
+def _torch_load(data: bytes, uri: str) -> Any:
+    """``torch.load(weights_only=True)`` of ``data``; every failure becomes a one-line :class:`CheckpointError`.
+
+    torch refuses a pickled Python object with ``pickle.UnpicklingError`` ("Weights only load failed ...";
+    torch >= 2.6) whose text names the refused ``GLOBAL module.Name`` ("Unsupported global: GLOBAL
+    __main__.Net was not an allowed global", or "Trying to load unsupported GLOBAL posix.system whose
+    module posix is blocked"); the wording changes between releases, so the type, the "weights only"
+    phrase and the ``GLOBAL`` name are what is matched, never a whole sentence.
+    """
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every way a file can fail to load is the user's file
+        text = _ANSI.sub("", str(exc))
+        refused = _GLOBAL.search(text)
+        if isinstance(exc, pickle.UnpicklingError) and refused and (
+                "weights only" in text.lower() or "weights_only" in text or "WeightsUnpickler" in text):
+            raise CheckpointError(
+                f"checkpoint {uri} holds a pickled Python object ({refused.group(1)}), which weights-only "
+                "loading refuses: save model.state_dict() (tensors only) instead") from exc
+        lines = [l.strip() for l in text.splitlines() if l.strip()]
+        detail = next((l for l in lines if l.startswith("Unsupported") or "load key" in l or "zip" in l.lower()),
+                      lines[0] if lines else "")
+        raise CheckpointError(f"checkpoint {uri} is corrupt or not a weights-only torch file: "
+                              f"{type(exc).__name__}: {detail[:200]}") from exc
 
 
 def _read(uri: str) -> bytes:
@@ -86,11 +121,7 @@ def load_checkpoint(uri: str, expected_sha256: Optional[str] = None) -> Tuple[Di
         if actual != expected_sha256.lower():
             raise CheckpointError(f"checkpoint {uri} has sha256 {actual}, expected {expected_sha256} "
                                   "(the file changed since it was recorded)")
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {uri} is corrupt or not a torch file: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    payload = _torch_load(data, uri)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{uri} is not an ood-sweep checkpoint")
     if payload.get("version") != VERSION:
@@ -197,18 +228,7 @@ def load_user_checkpoint(uri: str, model: nn.Module, *, arch: Optional[str] = No
     sha = sha256_bytes(data)
     if expected_sha256 is not None and sha != expected_sha256.lower():
         raise CheckpointError(f"checkpoint {uri} has sha256 {sha}, expected {expected_sha256}")
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "Unsupported global" in str(exc):
-            what = next(l.strip() for l in str(exc).splitlines() if "Unsupported global" in l)
-            raise CheckpointError(f"checkpoint {uri} is not a weights-only file (a pickled model object?); "
-                                  f"save model.state_dict() instead ({what})") from exc
-        detail = next((l for l in str(exc).splitlines()
-                       if l.strip().startswith("Unsupported") or "load key" in l or "zip" in l.lower()), first)
-        raise CheckpointError(f"checkpoint {uri} is corrupt or not a torch file: {type(exc).__name__}: "
-                              f"{detail.strip()}") from exc
+    payload = _torch_load(data, uri)
     state, meta = _unwrap(payload, uri)
     fmt = "ood-sweep" if meta or (isinstance(payload, dict) and payload.get("format") == FORMAT) else "state_dict"
     if arch is not None and meta.get("arch") not in (None, arch):

@@ -15,6 +15,8 @@ Layout (readable with pandas, polars, duckdb):
 
 Writing is atomic (:class:`ood_core.storage.AtomicOutput`): the file appears under its final name only when
 :meth:`FeatureWriter.close` succeeds; after an exception inside the ``with`` block nothing is left behind.
+With ``record_hash=True`` (the sweep's feature cache) the bytes are hashed as they are written and the sha256
+is recorded in ``<file>.sha256``; :func:`check_feature_file` verifies it (and the structure) before reuse.
 The Arrow conversion and Parquet encoding run in a background thread fed through a bounded queue, so they
 overlap with the next forward pass during extraction (see ``benchmarks/extraction.py``).
 """
@@ -30,9 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import AtomicOutput, PathLike, resolve
+from .storage import AtomicOutput, Cached, PathLike, resolve, verify_cached
 
-__all__ = ["FeatureSet", "FeatureWriter", "read_features", "validate_feature_file", "META_PREFIX",
+__all__ = ["FeatureSet", "FeatureWriter", "read_features", "validate_feature_file", "check_feature_file", "META_PREFIX",
            "INDEX_COLUMN", "LABEL_COLUMN", "FORMAT_VERSION"]
 
 META_PREFIX = "ood_sweep."
@@ -85,14 +87,16 @@ class FeatureWriter:
     (queue of ``max_pending`` batches); the arrays are **not copied**, so the caller must not modify
     them afterwards. Rows are buffered into row groups of about ``row_group_rows`` rows or
     ``row_group_bytes`` bytes. Errors of the writer thread are raised by the next ``write`` or by
-    ``close``. The first ``write`` fixes the set of columns and their shapes.
+    ``close``. The first ``write`` fixes the set of columns and their shapes. ``record_hash``: record the
+    file's sha256 in ``<uri>.sha256`` once it is in place (see :func:`check_feature_file`).
     """
 
     def __init__(self, uri: PathLike, metadata: Optional[Mapping[str, str]] = None,
                  column_meta: Optional[Mapping[str, Mapping[str, str]]] = None, *,
                  compression: Optional[str] = "snappy", row_group_rows: int = 65536,
-                 row_group_bytes: int = 64 << 20, max_pending: int = 4):
+                 row_group_bytes: int = 64 << 20, max_pending: int = 4, record_hash: bool = False):
         self.uri = uri
+        self.record_hash = bool(record_hash)
         self.metadata = _prefixed(metadata)
         self.column_meta = {k: {mk: _meta_str(mv) for mk, mv in v.items()} for k, v in (column_meta or {}).items()}
         self.compression = compression
@@ -201,7 +205,7 @@ class FeatureWriter:
         self._schema = pa.schema(fields, metadata=self.metadata)
         self._feature_fields = fields[2:]
         self._layout = dict(layout)
-        self._out = AtomicOutput(self.uri)
+        self._out = AtomicOutput(self.uri, record_hash=self.record_hash)
         stream = self._out.open()
         self._thread = threading.Thread(target=self._run, args=(stream,), name="FeatureWriter", daemon=True)
         self._thread.start()
@@ -381,3 +385,16 @@ def validate_feature_file(uri: PathLike, expected_columns: Iterable[str] = ()) -
         if not (t == pa.float32() or (pa.types.is_fixed_size_list(t) and t.value_type == pa.float32())):
             return False
     return True
+
+
+def check_feature_file(uri: PathLike, expected_columns: Iterable[str] = ()) -> Cached:
+    """The reuse check of a cached feature file: its content hash (:func:`ood_core.storage.verify_cached`:
+    a damaged file is set aside and said in ``note``), then its structure (:func:`validate_feature_file`).
+
+    ``ok`` means: reuse it. A file without a hash record (an older ood-sweep) is not reused: it is
+    recomputed, and the new file carries a hash.
+    """
+    cached = verify_cached(uri, "feature file")
+    if cached.ok and not validate_feature_file(uri, expected_columns):
+        return Cached(False, note="cached feature file lacks the expected columns; recomputing")
+    return cached

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ood_core import storage
 from ood_core.augment import AUGMENTATIONS, BatchAugment
 from ood_core.datasets.base import ArrayImageDataset, to_format
+from ood_core.errors import TrainingDivergedError
 
 SCHEDULES = ("cosine", "cosine_epoch", "multistep", "constant")
 RESUME_FORMAT = "ood-sweep-resume"
@@ -299,16 +300,20 @@ def _fingerprint(cfg: TrainConfig, seed: int, model: nn.Module, n_train: int) ->
 def _save_resume(uri: str, payload: Dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
-    with storage.atomic_output(uri) as out:
+    with storage.atomic_output(uri, record_hash=True) as out:  # its sha256 is checked before resuming
         out.write(buf.getvalue())
 
 
 def _load_resume(uri: str, fingerprint: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The resume payload at ``uri`` if it exists, is readable and belongs to this run; else None
     (with a warning when a file was there but unusable)."""
-    try:
-        if not storage.exists(uri):
-            return None
+    found = storage.verify(uri)  # its bytes against the sha256 recorded when it was written
+    if found.status == "missing":
+        return None
+    if found.status in ("mismatch", "unreadable"):  # damaged: set aside, start over
+        warnings.warn(storage.discard_cached(uri, "resume checkpoint", found.detail, "training from the first epoch"))
+        return None
+    try:  # intact, or without a record (an older ood-sweep): the checks below decide
         payload = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / partial / foreign file: start over
         warnings.warn(f"ignoring unreadable resume checkpoint {uri}: {type(exc).__name__}: {exc}")
@@ -341,7 +346,8 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
 
     At the end ``model`` holds the weights of the epoch with the best validation accuracy
     (the earliest on ties; the last epoch without a validation set), is on ``device`` in
-    eval mode. Raises ``FloatingPointError`` if the training loss becomes NaN / inf.
+    eval mode. Raises :class:`~ood_core.errors.TrainingDivergedError` (a ``FloatingPointError``) if the
+    training loss becomes NaN / inf.
     """
     if len(train_set) == 0:
         raise ValueError("train_classifier: the training set is empty")
@@ -419,8 +425,8 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
                 scheduler.step()
             train_loss = loss_sum.item() / seen
             if not math.isfinite(train_loss):
-                raise FloatingPointError(f"train_classifier: training loss is {train_loss} in epoch {epoch} "
-                                         f"(lr={lr_now:g}); lower the learning rate")
+                raise TrainingDivergedError(f"train_classifier: training loss is {train_loss} in epoch {epoch} "
+                                            f"(lr={lr_now:g}); lower the learning rate")
             val = _evaluate(model, val_loader, device, use_amp) if val_loader is not None \
                 else {"loss": math.nan, "acc": math.nan}
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from orchestrator.errors import UserError
+from orchestrator.errors import one_line, user_error_of
 
 DESCRIPTION = """\
 ood-sweep: compare out-of-distribution detectors for image classifiers.
@@ -25,7 +25,9 @@ examples:
   python -m orchestrator ui sweeps/quickstart.yaml        # then open http://127.0.0.1:5000
   python -m orchestrator report sweeps/quickstart.yaml
 
-exit codes: 0 ok, 2 a problem with the config, the data or a checkpoint (one line on stderr).
+exit codes: 0 ok; 1 the sweep finished but some searches failed (one line each); 2 a problem with the
+config, the data, a checkpoint, the storage or the tracking store (one line on stderr, also when it
+happened inside a Ray task); 130 interrupted.
 """
 
 
@@ -35,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("sweep", help="run a sweep: train, extract, search, log to MLflow")
     s.add_argument("config", help="sweep YAML file")
-    v = sub.add_parser("validate", help="check a sweep file without running anything")
+    s.add_argument("--wait", action="store_true",
+                   help="when the same sweep is already running, wait for it to finish instead of exiting")
+    v = sub.add_parser("validate", help="check a sweep file, its data, storage and tracking store, without running "
+                                        "anything")
     v.add_argument("config", help="sweep YAML file")
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the sweep's tracking store")
     u.add_argument("config", nargs="?", help="sweep YAML file (for its tracking_uri); default: MLflow's default")
@@ -53,14 +58,14 @@ def _load(path: str):
 
 
 def cmd_validate(args) -> int:
-    from orchestrator.plan import make_plan
-
-    from orchestrator.plan import check_inputs
+    from orchestrator.plan import check_inputs, make_plan
+    from orchestrator.preflight import check_environment
 
     cfg, _ = _load(args.config)
     plan = make_plan(cfg)
     for problem in check_inputs(cfg, fetch=False):
         print(f"warning: {problem}", file=sys.stderr)
+    check_environment(cfg)  # storage written and removed again, tracking store reached: seconds
     sets = len(plan.backbones[0].features)
     print(f"{args.config}: ok — {len(plan.backbones)} backbone run(s), {sets} data sets, "
           f"{len(plan.backbones[0].layers)} representations, {len(cfg.detectors)} detectors")
@@ -71,8 +76,12 @@ def cmd_sweep(args) -> int:
     from orchestrator.sweep import SweepRunner
 
     cfg, text = _load(args.config)
-    runner = SweepRunner(cfg, text)  # plans (and may refuse) before any Ray or MLflow work
-    runner.run()
+    runner = SweepRunner(cfg, text)  # storage and tracking store checked (seconds), then planned: before any work
+    runner.run(wait=args.wait)
+    if runner.failures:  # the table above shows them too; a rerun runs those searches again
+        for line in runner.failures:
+            print(f"failed: {line}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -94,12 +103,33 @@ def cmd_report(args) -> int:
     from orchestrator.report import format_table
 
     cfg, _ = _load(args.config)
-    rows = latest_rows(cfg.resolved_tracking_uri(), cfg.name)
+    uri = cfg.resolved_tracking_uri()
+    if uri.startswith(("http://", "https://")):  # a server that does not answer: seconds, not minutes of retries
+        from orchestrator.preflight import check_tracking, tracking_setting
+
+        check_tracking(uri, tracking_setting(cfg.tracking_uri))
+    rows = latest_rows(uri, cfg.name)
     print(format_table(rows))
     return 0
 
 
 COMMANDS = {"sweep": cmd_sweep, "validate": cmd_validate, "ui": cmd_ui, "report": cmd_report}
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    try:
+        return bool(ray is not None and ray.is_initialized())
+    except Exception:  # noqa: BLE001 - a half-imported ray
+        return False
+
+
+def _stop_ray() -> None:
+    if _ray_initialized():
+        try:
+            sys.modules["ray"].shutdown()
+        except Exception:  # noqa: BLE001 - reporting the user's error matters more
+            pass
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -108,18 +138,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from ood_core.checkpoints import CheckpointError
-
+    ray_before = _ray_initialized()
     try:
         return COMMANDS[args.command](args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except (FileNotFoundError, CheckpointError) as exc:  # missing data / weights, a bad checkpoint
-        if type(exc).__name__ not in ("DataMissingError", "WeightsMissingError", "CheckpointError"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume (finished stages are reused)", file=sys.stderr)
         return 130
+    except Exception as exc:
+        user = user_error_of(exc)  # also an error raised in a Ray task (RayTaskError), unwrapped
+        if user is None:
+            raise  # an internal fault: its traceback
+        # other tasks' errors that nobody fetched any more would print as tracebacks when Ray shuts down
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+        if not ray_before:
+            _stop_ray()  # the Ray this command started: its workers' pending output comes before the error line
+        print(f"error: {one_line(user)}", file=sys.stderr)
+        return getattr(user, "exit_code", 2)

@@ -4,41 +4,68 @@ A sweep YAML is parsed into :class:`SweepConfig` (pydantic, unknown keys refused
 checks that need the registries of ``ood_core`` (data set, architecture and detector names,
 their parameters, search spaces, hooked modules) run in :func:`validate_semantics`.
 Every problem a user can cause is raised as :class:`ConfigError` whose message starts with the
-field path, e.g. ``detectors[2].search.percentile: grid must be a non-empty list``.
+field path, e.g. ``detectors[2].search.percentile: grid must be a non-empty list`` (YAML syntax errors
+with the file, line and column: ``sweeps/x.yaml:12:5: not valid YAML: ...``).
+
+Numeric settings have sane upper bounds (``epochs: 1e30`` is a typo, not a plan), and every name that
+becomes a path or an artifact path (the sweep, backbones, data sets, detectors, layers) is restricted to
+:data:`SAFE_NAME` so that no name can escape its folder (``name: ../../tmp/x``).
 """
 from __future__ import annotations
 
 import inspect
 import os
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import ConfigError
 
 SEARCH_KINDS = ("grid", "uniform", "loguniform", "choice", "randint")
 REDUCTIONS = ("none", "avgpool", "max", "energy", "flatten")
 
+#: names that become a path or an artifact path: a letter or digit, then letters, digits, ``.``, ``_``, ``-``
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_NAME = 100
+#: seeds go to numpy / torch generators: non-negative, at most 32 bits
+MAX_SEED = 2 ** 32 - 1
+
+
+def check_name(name: Any) -> Any:
+    """Refuse a name that could escape a folder or break a path (``..``, ``/``, spaces, a leading dot)."""
+    if name is None:
+        return name
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name or len(name) > MAX_NAME:
+        raise ValueError(f"{name!r} is not a safe name: use letters, digits, '.', '_' and '-', starting with a "
+                         f"letter or digit, without '..', at most {MAX_NAME} characters (it becomes a path)")
+    return name
+
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+#: a name that becomes a path (see :func:`check_name`)
+SafeName = Annotated[str, AfterValidator(check_name)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 class FormatConfig(_Strict):
     """Overrides of the ID input format (channels, image size, normalisation)."""
 
-    channels: Optional[int] = Field(None, ge=1, le=4)
+    channels: Optional[Literal[1, 3]] = None
     image_size: Optional[int] = Field(None, ge=4, le=1024)
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
+    mean: Optional[List[Annotated[float, Field(ge=-1e3, le=1e3)]]] = None
+    std: Optional[List[Annotated[float, Field(gt=0, le=1e3)]]] = None
 
 
 class DataSetConfig(_Strict):
     """One data set: a registry name, its parameters and the split to read."""
 
-    name: Optional[str] = None
+    name: Optional[SafeName] = None
     dataset: str
     split: Literal["train", "val", "test"] = "test"
     params: Dict[str, Any] = Field(default_factory=dict)
@@ -74,21 +101,21 @@ class TrainSection(_Strict):
     ``ood_core.training.RECIPES``; its values fill every field the file does not set."""
 
     recipe: Optional[str] = None
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.05, gt=0)
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(0.05, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
     schedule: Literal["cosine", "cosine_epoch", "multistep", "constant"] = "cosine"
-    min_lr: float = Field(0.0, ge=0)
-    milestones: List[int] = Field(default_factory=list)
+    min_lr: float = Field(0.0, ge=0, le=10)
+    milestones: List[Annotated[int, Field(ge=1, le=10_000)]] = Field(default_factory=list)
     gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: Literal["none", "flip", "crop_flip", "crop_flip_rotate_jitter_erase"] = "none"
-    crop_padding: int = Field(4, ge=0)
+    crop_padding: int = Field(4, ge=0, le=512)
     amp: bool = True
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=256)
 
     @field_validator("recipe")
     @classmethod
@@ -112,10 +139,10 @@ class TrainSection(_Strict):
 
 
 class BackboneConfig(_Strict):
-    name: str
+    name: SafeName
     arch: str
     params: Dict[str, Any] = Field(default_factory=dict)
-    seeds: List[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: List[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=1000)
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: Optional[str] = None  # a trained checkpoint (path / URI) to load instead of training
 
@@ -124,7 +151,7 @@ class LayerConfig(_Strict):
     """A hooked module; its Parquet column is ``name`` (default: the module path), with
     ``.<reduction>`` appended unless the reduction is ``avgpool`` (e.g. ``conv2``, ``conv2.energy``)."""
 
-    name: Optional[str] = None
+    name: Optional[SafeName] = None
     module: Optional[str] = None
     preset: Optional[Literal["penultimate", "blocks", "all"]] = None
     types: Optional[List[str]] = None
@@ -133,7 +160,7 @@ class LayerConfig(_Strict):
 
 
 class ExtractConfig(_Strict):
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=65_536)
     layers: List[Union[str, LayerConfig]] = Field(default_factory=lambda: ["logits", "penultimate"])
 
     @field_validator("layers")
@@ -148,20 +175,21 @@ class ExtractConfig(_Strict):
 
 class DetectorConfig(_Strict):
     type: str
-    name: Optional[str] = None
+    name: Optional[SafeName] = None
     params: Dict[str, Any] = Field(default_factory=dict)
     search: Optional[Dict[str, Any]] = None
-    num_samples: Optional[int] = Field(None, ge=1)
+    num_samples: Optional[int] = Field(None, ge=1, le=100_000)
 
     @property
     def label(self) -> str:
-        return self.name or self.type
+        """The name in tables and runs: ``name``, else the type (a class's name for ``module:Class``)."""
+        return self.name or self.type.rsplit(":", 1)[-1]
 
 
 class SearchConfig(_Strict):
     metric: Literal["auroc", "aupr_in", "aupr_out", "fpr95"] = "auroc"
-    num_samples: int = Field(1, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
+    num_samples: int = Field(1, ge=1, le=100_000)
+    max_concurrent_trials: int = Field(2, ge=1, le=10_000)
     #: basic: grids crossed, random domains sampled (Tune's variant generator); optuna: TPE per detector
     algorithm: Literal["basic", "optuna"] = "basic"
 
@@ -171,15 +199,15 @@ class SearchConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    gpus_per_task: float = Field(0, ge=0)
-    gpus_per_trial: float = Field(0, ge=0)
-    cpus_per_task: float = Field(1, gt=0)
-    max_retries: int = Field(2, ge=0)
+    gpus_per_task: float = Field(0, ge=0, le=64)
+    gpus_per_trial: float = Field(0, ge=0, le=64)
+    cpus_per_task: float = Field(1, gt=0, le=1024)
+    max_retries: int = Field(2, ge=0, le=100)
 
 
 class SweepConfig(_Strict):
-    name: str = Field(min_length=1)
-    seed: int = 0
+    name: SafeName
+    seed: Seed = 0
     storage: str = ".ood_sweep"
     #: set when ``storage`` is a plain path that every node of a cluster sees (a shared mount)
     shared_storage: bool = False
@@ -211,16 +239,61 @@ def _format_loc(loc) -> str:
     return out or "<root>"
 
 
-def load_config(path: Union[str, Path]) -> SweepConfig:
-    """Read, parse and validate a sweep file; raise :class:`ConfigError` on any problem."""
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: Dict[Any, Any] = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    hash(key)
+                except (TypeError, yaml.YAMLError):
+                    continue  # the base constructor reports it
+                if key in first:
+                    mark = first[key]
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given at line {mark.line + 1}, column "
+                                    f"{mark.column + 1})", key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_error_message(path: Union[str, Path], exc: yaml.YAMLError) -> str:
+    """``file:line:column: not valid YAML: problem (context)`` (1-based line and column, as editors count)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}"
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        problem += f" ({context}" + (f" at line {cmark.line + 1}, column {cmark.column + 1}" if cmark else "") + ")"
+    return f"{where}: not valid YAML: {problem}"
+
+
+def read_yaml(path: Union[str, Path]) -> Any:
+    """The YAML document in ``path``; :class:`ConfigError` for a missing, unreadable or invalid file."""
+    shown = str(path)
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{shown}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{shown}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{shown}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_config(raw)
+        raise ConfigError(yaml_error_message(shown, exc)) from None
+
+
+def load_config(path: Union[str, Path]) -> SweepConfig:
+    """Read, parse and validate a sweep file; raise :class:`ConfigError` on any problem."""
+    return parse_config(read_yaml(path))
 
 
 def parse_config(raw: Any) -> SweepConfig:
@@ -234,6 +307,14 @@ def parse_config(raw: Any) -> SweepConfig:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        elif err["type"] == "finite_number":
+            msg = "must be a finite number"
+        elif err["type"] == "int_parsing_size":
+            msg = f"{err.get('input')!r} is too large"
+        elif err["type"] in ("int_parsing", "float_parsing", "int_from_float", "int_type", "float_type"):
+            msg += f" (given: {err.get('input')!r})"
         raise ConfigError(f"{_format_loc(err['loc'])}: {msg}") from None
     validate_semantics(cfg)
     if cfg.search.algorithm == "optuna":
@@ -247,8 +328,11 @@ def parse_config(raw: Any) -> SweepConfig:
 # --------------------------------------------------------------------------- semantics
 
 
-def _check_dataset(path: str, dataset: str, params: Dict[str, Any]) -> None:
+def _check_dataset(path: str, dataset: str, params: Dict[str, Any], splits: List[str]) -> None:
+    """Data set name, parameter names and values (without reading data); ``path`` is the field path."""
     from ood_core.data import DATASETS
+    from ood_core.datasets.base import DatasetParamError
+    from ood_core.datasets.params import check_values
 
     if dataset not in DATASETS:
         raise ConfigError(f"{path}.dataset: unknown data set {dataset!r}; known: {', '.join(sorted(DATASETS))}")
@@ -260,6 +344,16 @@ def _check_dataset(path: str, dataset: str, params: Dict[str, Any]) -> None:
             raise ConfigError(
                 f"{path}.params.{key}: unknown parameter for data set {dataset!r}; accepted: {', '.join(sorted(accepted)) or 'none'}"
             )
+    entry = DATASETS[dataset]
+    for split in splits:
+        try:
+            check_values(dataset, entry.build, split, params, entry.num_classes)
+        except DatasetParamError as exc:
+            if exc.param == "split":
+                field = f"{path}.split" if path != "data.id" else f"{path}.dataset"
+            else:
+                field = f"{path}.params.{exc.param}"
+            raise ConfigError(f"{field}: {exc}") from None
 
 
 def check_search_spec(path: str, spec: Any) -> None:
@@ -319,8 +413,8 @@ def check_detector_values(path: str, cls: type, params: Dict[str, Any], search: 
     points = [(f"{path}.params.{k}", k, v) for k, v in params.items()]
     points += [(f"{path}.search.{k}", k, v) for k, spec in (search or {}).items() for v in reachable_values(spec)]
     for field_path, name, value in points:
-        try:
-            cls.check_params({name: value}, data)
+        try:  # with the fixed parameters, so that a declared cross-parameter check sees them too
+            cls.check_params({**params, name: value}, data)
         except ParameterError as exc:
             raise ConfigError(f"{field_path}: {exc}") from None
 
@@ -329,12 +423,12 @@ def validate_semantics(cfg: SweepConfig) -> None:
     from ood_core.detectors.registry import detector_params, get_spec
     from ood_core.models import ARCHITECTURES
 
-    _check_dataset("data.id", cfg.data.id.dataset, cfg.data.id.params)
+    _check_dataset("data.id", cfg.data.id.dataset, cfg.data.id.params, ["train", "val", "test"])
     labels = set()
     for group, sets in (("data.ood_val", cfg.data.ood_val), ("data.ood_test.near", cfg.data.ood_test.near),
                         ("data.ood_test.far", cfg.data.ood_test.far), ("data.outliers", cfg.data.outliers)):
         for i, ds in enumerate(sets):
-            _check_dataset(f"{group}[{i}]", ds.dataset, ds.params)
+            _check_dataset(f"{group}[{i}]", ds.dataset, ds.params, [ds.split])
             if ds.label in labels:
                 raise ConfigError(f"{group}[{i}].name: duplicate data set name {ds.label!r}")
             labels.add(ds.label)

@@ -21,13 +21,50 @@ def _fmt_params(selected: Dict) -> str:
 
 
 def results_frame(rows: Iterable[Dict]) -> pd.DataFrame:
-    """Rows as a flat frame (selected hyperparameters as JSON) for CSV / Parquet artifacts."""
+    """Rows as a flat frame (selected hyperparameters and failed trials as JSON) for CSV / Parquet artifacts."""
     flat = []
     for row in rows:
         r = {k: v for k, v in row.items() if not k.startswith("_")}
         r["selected"] = json.dumps(r.get("selected", {}), sort_keys=True)
+        r["failed_trials"] = json.dumps([{k: t[k] for k in ("params", "reason")} for t in r.get("failed_trials") or []],
+                                        default=str)
         flat.append(r)
     return pd.DataFrame(flat)
+
+
+def _failed_trials(row: Dict) -> List[Dict]:
+    value = row.get("failed_trials") or []
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def trials_cell(row: Dict) -> str:
+    """``5`` or, when some failed, ``4/5`` (trials that reported metrics / trials run)."""
+    total = int(row.get("trials") or 0)
+    failed = len(_failed_trials(row))
+    return f"{total - failed}/{total}" if failed else str(total)
+
+
+def problems(rows: Sequence[Dict]) -> List[str]:
+    """One line per thing that makes a result untrustworthy: failed trials (with the first reason), a
+    detector whose every trial failed, constant scores, a backbone at chance accuracy."""
+    out = []
+    for row in rows:
+        where = f"{row['detector']} @ {row['backbone']}"
+        failed = _failed_trials(row)
+        if row.get("failed"):
+            out.append(f"{where}: FAILED, no trial finished ({len(failed)} tried); {row['failed']}")
+        elif failed:
+            first = failed[0]
+            out.append(f"{where}: {trials_cell(row)} trials; {_fmt_params(first['params'])}: {first['reason']}")
+        if row.get("constant_scores"):
+            out.append(f"{where}: constant scores (it ranks nothing: AUROC 50, FPR95 100)")
+    seen = set()
+    for row in rows:
+        if row.get("at_chance") and row["backbone"] not in seen:
+            seen.add(row["backbone"])
+            out.append(f"backbone {row['backbone']}: ID test accuracy {100 * row['id_accuracy']:.2f}% is at chance "
+                       f"({100 * row['chance']:.2f}%): training collapsed, its detector results mean nothing")
+    return out
 
 
 def summary_metrics(rows: Iterable[Dict]) -> Dict[str, float]:
@@ -85,13 +122,13 @@ def format_seed_table(summary: Sequence[Dict], metric_groups: Sequence[str] = ("
 def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"), optimistic: bool = False) -> str:
     """A plain-text table: per detector the selected hyperparameters, AUROC and FPR@95 per OOD group;
     then mean ± std over seeds when a backbone was trained with several."""
-    headers = ["backbone", "detector", "selected", "val AUROC"]
+    headers = ["backbone", "detector", "selected", "trials", "val AUROC"]
     for g in metric_groups:
         headers += [f"{g} AUROC", f"{g} FPR95"]
     body: List[List[str]] = []
     for row in rows:
-        line = [row["backbone"], row["detector"], _fmt_params(row.get("selected", {})),
-                _pct(row.get("val_auroc"))]
+        selected = "FAILED" if row.get("failed") else _fmt_params(row.get("selected", {}))
+        line = [row["backbone"], row["detector"], selected, trials_cell(row), _pct(row.get("val_auroc"))]
         for g in metric_groups:
             line += [_pct(row.get(f"{g}/auroc")), _pct(row.get(f"{g}/fpr95"))]
         body.append(line)
@@ -113,6 +150,9 @@ def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "
         lines += ["", "Mean ± std over seeds (test metrics of each seed's selected configuration):",
                   format_seed_table(summary, metric_groups)]
     lines.append("AUROC / FPR95 in %; FPR95 = OOD accepted at the threshold that keeps 95% of ID (lower is better).")
+    flagged = problems(rows)
+    if flagged:
+        lines += ["", "Problems:"] + [f"  ! {line}" for line in flagged]
     if optimistic:
         lines.append("OPTIMISTIC: an OOD validation set is also a test set (data.allow_val_test_overlap); "
                      "these test figures saw their own data during selection.")

@@ -77,6 +77,7 @@ class BatchedMLflowCallback(MLflowLoggerCallback):
         self._parents = parents
         self._metric_filter = metric_filter
         self._retries: Dict = {}
+        self._failed: set = set()  # trials that reported an error
 
     def log_trial_start(self, trial):
         if trial in self._trial_runs:
@@ -105,10 +106,16 @@ class BatchedMLflowCallback(MLflowLoggerCallback):
         from mlflow.entities import Metric
 
         run_id = self._trial_runs[trial]
+        client = self.mlflow_util._get_client()
+        if "trial_error" in result:  # the detector raised: the run FAILED, with the reason and the traceback
+            self._failed.add(trial)
+            client.set_tag(run_id, "error", str(result["trial_error"])[:5000])
+            client.log_text(run_id, str(result.get("trial_traceback", result["trial_error"])), "error.txt")
+            return
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0) for k, v in result.items()
                    if self._metric_filter(k) and isinstance(v, (int, float))]
-        self.mlflow_util._get_client().log_batch(run_id, metrics=metrics)
+        client.log_batch(run_id, metrics=metrics)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A trial that lost its worker (node gone, process killed) restarts elsewhere (``FailureConfig``)
@@ -119,7 +126,16 @@ class BatchedMLflowCallback(MLflowLoggerCallback):
             self.mlflow_util._get_client().set_tag(self._trial_runs[trial], "retries", str(self._retries[trial]))
 
     def log_trial_end(self, trial, failed: bool = False):
-        self.mlflow_util.end_run(run_id=self._trial_runs[trial], status="FAILED" if failed else "FINISHED")
+        run_id = self._trial_runs[trial]
+        if failed and trial not in self._failed and getattr(trial, "error_file", None):  # Tune gave up retrying
+            try:
+                with open(trial.error_file) as f:
+                    text = f.read()
+                self.mlflow_util._get_client().set_tag(run_id, "error", text.strip().splitlines()[-1][:5000])
+                self.mlflow_util._get_client().log_text(run_id, text, "error.txt")
+            except OSError:
+                pass
+        self.mlflow_util.end_run(run_id=run_id, status="FAILED" if failed or trial in self._failed else "FINISHED")
 
 
 class TrialProgress(tune.Callback):
@@ -228,8 +244,8 @@ def run_search(
     """Run every entry's search; return ``{entry key: [tune.Result, ...]}``.
 
     ``basic`` (grid + random) runs every entry in one Tuner; ``optuna`` runs one Tuner per entry with
-    Tune's :class:`OptunaSearch` (TPE, seeded), ``num_samples`` trials each. Raises when every trial of
-    an entry failed (the error of its first trial is shown).
+    Tune's :class:`OptunaSearch` (TPE, seeded), ``num_samples`` trials each. Failed trials are among the
+    results (``error`` set, or a reported ``trial_error``); the caller decides what they mean.
     """
     trainable = tune.with_resources(tune.with_parameters(trainable, contexts=contexts), resources)
     if algorithm == "optuna":
@@ -237,9 +253,8 @@ def run_search(
                            storage_path=storage_path, name=name, seed=seed, callbacks=callbacks,
                            max_failures=max_failures)
     path = join_uri(storage_path, name)
-    if tune.Tuner.can_restore(path):  # an interrupted search: finished trials are kept, the rest run
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
+    tuner = _restore(path, trainable)  # an interrupted search: finished trials are kept, the rest run
+    if tuner is None:
         tuner = tune.Tuner(
             trainable,
             param_space=sweep_space(entries, seed),
@@ -270,9 +285,8 @@ def _run_optuna(trainable, entries, *, metric, mode, max_concurrent, storage_pat
                                 mode=mode, seed=entry_seed)
         path_name = f"{name}-optuna-{hashlib.sha256(e['key'].encode()).hexdigest()[:8]}"
         path = join_uri(storage_path, path_name)
-        if tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
+        tuner = _restore(path, trainable)
+        if tuner is None:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -290,6 +304,27 @@ def _run_optuna(trainable, entries, *, metric, mode, max_concurrent, storage_pat
     return by_key
 
 
+def _restore(path: str, trainable):
+    """The interrupted Tune experiment at ``path``, or None when there is none, or when its state cannot be
+    restored (damaged or from another version): then it is set aside, said in one line, and the search
+    starts afresh (finished searches are in the search cache anyway)."""
+    if not tune.Tuner.can_restore(path):
+        return None
+    try:
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable state: start again rather than block every rerun
+        import time
+
+        from ood_core import storage
+
+        fs, local = storage.resolve(path)
+        aside = f"{local}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        fs.move(local, aside)
+        print(f"[search] interrupted search state cannot be restored ({type(exc).__name__}); set aside as "
+              f"{aside}, starting the search again", flush=True)
+        return None
+
+
 def _group(grid, entries, metric: str) -> Dict[str, List]:
     from tasks.evaluate import entry_of
 
@@ -298,11 +333,6 @@ def _group(grid, entries, metric: str) -> Dict[str, List]:
         key, _ = entry_of(result.config)
         if key in by_key:  # a restored search may hold entries finished (and cached) before
             by_key[key].append(result)
-    for key, results in by_key.items():
-        ok = [r for r in results if r.error is None and f"val_{metric}" in r.metrics]
-        if not ok:
-            first = next((r.error for r in results if r.error is not None), "no result reported")
-            raise RuntimeError(f"every trial of {key} failed; first error: {first}")
     return by_key
 
 

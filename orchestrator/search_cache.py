@@ -5,7 +5,9 @@ detector, its fixed parameters and search space, the number of samples, the sele
 and the seed. Its trials (parameters + metrics) and the selected one are stored as JSON under
 ``<storage>/search/<key>.json``, the selected configuration's test scores next to it as Parquet.
 Re-running a sweep reuses unchanged searches; changing a detector's search space changes its key
-and recomputes that search only.
+and recomputes that search only. Both files carry their sha256 (``<file>.sha256``, written after the
+file); :func:`load` reuses a search only when both match it, and sets a damaged one aside
+(``<file>.damaged-<time>``, said in one line) so that the search runs again.
 """
 from __future__ import annotations
 
@@ -29,18 +31,41 @@ def paths(storage: str, key: str) -> Dict[str, str]:
             "scores": join_uri(storage, "search", f"{key}.scores.parquet")}
 
 
-def load(storage: str, key: str) -> Optional[Dict]:
-    """The cached record, or None when absent or unreadable (then the search reruns)."""
+def _say(label: Optional[str], note: str) -> None:
+    print(f"[search] {label}: {note}" if label else f"[search] {note}", flush=True)
+
+
+def load(storage: str, key: str, label: Optional[str] = None) -> Optional[Dict]:
+    """The cached record, or None when absent, damaged or unreadable (then the search reruns).
+
+    Both files must match their recorded sha256 (:func:`ood_core.storage.verify_cached`); a damaged or
+    unreadable one is set aside and said in one line (prefixed ``[search] <label>:`` when ``label`` is given).
+    """
     from ood_core import storage as st
 
     p = paths(storage, key)
     if not (st.exists(p["json"]) and st.exists(p["scores"])):
+        return None  # not cached, or half written (the search reruns and overwrites it)
+    record_check = st.verify_cached(p["json"], "search record", redo="searching again")
+    if record_check.status == "unhashed":  # an older ood-sweep wrote both: one line for the search
+        _say(label, "cached search has no content hash (written by an older ood-sweep); searching again")
+        return None
+    if record_check.note:
+        _say(label, record_check.note)
+    scores_check = st.verify_cached(p["scores"], "search scores file", redo="searching again")
+    if scores_check.note and scores_check.status != "unhashed":  # unhashed: simply overwritten by the rerun
+        _say(label, scores_check.note)
+    if not (record_check.ok and scores_check.ok):
         return None
     try:
         record = json.loads(st.read_bytes(p["json"]).decode())
-    except (ValueError, OSError):
-        return None
-    if record.get("key") != key or "trials" not in record or "selected" not in record:
+        complete = record.get("key") == key and "trials" in record and "selected" in record
+    except (ValueError, OSError, AttributeError) as exc:
+        complete, reason = False, f"unreadable: {type(exc).__name__}"
+    else:
+        reason = "incomplete record"
+    if not complete:  # intact bytes that are not a record of this search
+        _say(label, st.discard_cached(p["json"], "search record", reason, "searching again"))
         return None
     return record
 
@@ -49,5 +74,5 @@ def save(storage: str, key: str, trials: List[Dict], selected: int) -> None:
     from ood_core import storage as st
 
     record = {"key": key, "trials": trials, "selected": selected}
-    with st.atomic_output(paths(storage, key)["json"]) as f:
+    with st.atomic_output(paths(storage, key)["json"], record_hash=True) as f:
         f.write(json.dumps(record, default=float).encode())

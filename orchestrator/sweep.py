@@ -39,6 +39,8 @@ def init_ray() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banners, our own progress bar
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C interrupts the sweep, not only Tune
+    # a trial whose detector raised reports its error instead of the metric (recorded, never retried)
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # RAY_ADDRESS (set by `ray job submit`, or by hand) joins a cluster; otherwise a fresh local instance,
     # never a leftover one that Ray would find through /tmp/ray/ray_current_cluster.
     address = os.environ.get("RAY_ADDRESS") or "local"
@@ -49,11 +51,31 @@ def ray_get(refs: List) -> List:
     """``ray.get(refs)``, waiting in short polls so that a recorded Ctrl-C stops the driver at once."""
     import ray
 
+    if not refs:  # ray.get([]) would start Ray implicitly, with its own defaults
+        return []
     left = list(refs)
     while left:
         _, left = ray.wait(left, num_returns=len(left), timeout=POLL_S)
         raise_if_interrupted()
     return ray.get(list(refs))
+
+
+def _trial_failure(result) -> Dict[str, str]:
+    """``{"reason": one line, "traceback": ...}`` of a failed Tune result: a reported ``trial_error`` (the
+    detector raised; not retried), an error Tune kept after its retries, or a trial that reported nothing."""
+    metrics = result.metrics or {}
+    if "trial_error" in metrics:
+        return {"reason": str(metrics["trial_error"]), "traceback": str(metrics.get("trial_traceback", ""))}
+    if result.error is not None:
+        return {"reason": _task_failure(result.error), "traceback": str(result.error)}
+    return {"reason": "the trial reported no result", "traceback": ""}
+
+
+def _task_failure(exc: BaseException) -> str:
+    """One line for an error raised in a Ray task or trial (the cause, not Ray's wrapper)."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 
 
 def _is_metric(key: str) -> bool:
@@ -71,7 +93,10 @@ def _feature_dict(f) -> Dict:
 
 class SweepRunner:
     def __init__(self, cfg: SweepConfig, config_text: str):
+        from orchestrator.preflight import check_environment
+
         self.cfg = cfg.model_copy(update={"storage": absolute_storage(cfg.storage)})
+        check_environment(self.cfg)  # storage writable, tracking store reachable: seconds, before any work
         self.config_text = config_text
         self.plan: SweepPlan = make_plan(self.cfg)
         check_inputs(self.cfg, fetch=True)  # missing data or weights: one clear error before any work
@@ -79,6 +104,8 @@ class SweepRunner:
             self.plan = make_plan(self.cfg)
         self.tracking_uri = self.cfg.resolved_tracking_uri()
         self._ray_started = False
+        #: one line per (backbone, detector) search with failed trials (the sweep then exits 1)
+        self.failures: List[str] = []
         #: identity of this sweep: an interrupted run of the same config is resumed, not duplicated
         self.sweep_key = content_key({"config": self.cfg.model_dump()})
 
@@ -87,7 +114,7 @@ class SweepRunner:
         import ray
 
         from ood_core import storage
-        from ood_core.checkpoints import CheckpointError, load_checkpoint, sha256_bytes
+        from ood_core.checkpoints import CheckpointError, load_checkpoint
         from tasks.train import train_backbone
 
         cfg, plan = self.cfg, self.plan
@@ -98,15 +125,19 @@ class SweepRunner:
         results: Dict[str, Dict] = {}
         pending = {}
         for bb in plan.backbones:
-            if storage.exists(bb.checkpoint_uri):
+            check = storage.verify_cached(bb.checkpoint_uri, "checkpoint", redo="retraining")  # content vs its sha256
+            if check.ok:
                 try:
                     _state, meta = load_checkpoint(bb.checkpoint_uri)
                     results[bb.key] = {"key": bb.key, "history": meta.get("history", []), "cached": True,
-                                       "sha256": sha256_bytes(storage.read_bytes(bb.checkpoint_uri)), "seconds": 0.0}
+                                       "sha256": check.sha256, "seconds": 0.0}
                     _say(f"[train] {bb.label}: reusing cached checkpoint {bb.key}")
                     continue
-                except CheckpointError as exc:
-                    _say(f"[train] {bb.label}: cached checkpoint unreadable ({exc}); retraining")
+                except CheckpointError as exc:  # intact bytes that do not load: set aside too
+                    check = storage.Cached(False, storage.discard_cached(bb.checkpoint_uri, "checkpoint", str(exc),
+                                                                         "retraining"))
+            if check.note:  # damaged (set aside) or written without a hash
+                _say(f"[train] {bb.label}: {check.note}")
             _say(f"[train] {bb.label}: training {bb.arch} for {bb.train['epochs']} epochs")
             self._ray()
             pending[bb.key] = remote.remote(_bb_dict(bb), plan.num_classes, plan.input_format, id_data)
@@ -132,7 +163,7 @@ class SweepRunner:
         import ray
         from tqdm import tqdm
 
-        from ood_core.feature_store import validate_feature_file
+        from ood_core.feature_store import check_feature_file
         from tasks.extract import extract_dataset
 
         cfg, plan = self.cfg, self.plan
@@ -142,7 +173,10 @@ class SweepRunner:
         refs, cached = [], 0
         for bb in plan.backbones:
             for f in bb.features:
-                if validate_feature_file(f.uri, bb.columns):
+                check = check_feature_file(f.uri, bb.columns)  # content vs its sha256, then structure
+                if check.note:  # damaged (set aside) or written without a hash
+                    _say(f"[extract] {bb.label}/{f.dataset.label}: {check.note}")
+                if check.ok:
                     cached += 1
                     continue
                 self._ray()
@@ -181,7 +215,7 @@ class SweepRunner:
 
         from ood_core.detectors.registry import get_spec
         from orchestrator.search import BatchedMLflowCallback, TrialProgress, entry_variants, run_search
-        from tasks.evaluate import backbone_accuracy, load_scores, tune_trial
+        from tasks.evaluate import at_chance, backbone_accuracy, constant, load_scores, tune_trial
 
         cfg, plan = self.cfg, self.plan
         metric, mode = cfg.search.metric, cfg.search.mode
@@ -202,9 +236,9 @@ class SweepRunner:
                                                 {"stage": "detector", "backbone": bb.label, "detector": det.label})
                 if done:
                     logged.add(key)
-                record = search_cache.load(cfg.storage, skey)
+                record = search_cache.load(cfg.storage, skey, label=key)
                 if record is not None:
-                    cached[key] = record
+                    cached[key] = {**record, "failed": []}
                     continue
                 contexts[key] = self.context(bb, det)
                 entries.append({"key": key, "search": space, "num_samples": num_samples,
@@ -231,27 +265,64 @@ class SweepRunner:
                     callbacks=[callback, TrialProgress(bar)], max_failures=cfg.resources.max_retries,
                     algorithm=cfg.search.algorithm,
                 )
-            self._finish_searches(by_key, contexts, info)
+            fresh = self._finish_searches(by_key, contexts, info)
+        else:
+            fresh = {}
         rows: List[Dict] = []
         panels: Dict[str, Dict] = {}
         for key, (bb, det, space, skey) in info.items():
-            record = search_cache.load(cfg.storage, skey)
-            trials = record["trials"]
-            best = trials[record["selected"]]
+            record = cached.get(key) or fresh[key]
+            row = {"backbone": bb.label, "backbone_name": bb.name, "seed": bb.seed, "backbone_key": bb.key,
+                   "detector": det.label, "type": det.type, "trials": len(record["trials"]) + len(record["failed"]),
+                   "failed_trials": record["failed"]}
+            if record["selected"] is None:  # every trial failed: a FAILED row, the other detectors go on
+                row.update(selected={}, failed=record["failed"][0]["reason"])
+                if key not in logged:
+                    self._log_failed_detector(tracker, runs[key], det, space, record)
+                rows.append(row)
+                continue
+            best = record["trials"][record["selected"]]
             scores = load_scores(search_cache.paths(cfg.storage, skey)["scores"])
             if key not in logged:
                 self._log_detector(tracker, runs[key], bb, det, space, skey, record, scores, reused=key in cached)
             panels.setdefault(bb.label, {})[det.label] = (scores["id-test"],
                                                           {k: v for k, v in scores.items() if k != "id-test"})
-            rows.append({"backbone": bb.label, "backbone_name": bb.name, "seed": bb.seed, "backbone_key": bb.key,
-                         "detector": det.label, "type": det.type,
-                         "selected": best["params"], "trials": len(trials), **best["metrics"]})
+            row.update(selected=best["params"], constant_scores=constant(scores), **best["metrics"])
+            if row["constant_scores"]:
+                tracker.log(runs[key], tags={"constant_scores": "true"})
+            rows.append(row)
         artifacts.log_roc_grids(tracker, parent, panels)
-        accs = {bb.key: backbone_accuracy(next(f.uri for f in bb.features if f.dataset.role == "id_test"))
-                for bb in plan.backbones}
+        id_test = {bb.key: next(f.uri for f in bb.features if f.dataset.role == "id_test") for bb in plan.backbones}
         for row in rows:
-            row["id_accuracy"] = accs[row["backbone_key"]]
+            row["id_accuracy"] = backbone_accuracy(id_test[row["backbone_key"]])
+            row["chance"] = 1.0 / plan.num_classes
+            row["at_chance"] = at_chance(id_test[row["backbone_key"]], plan.num_classes)
+        if any(r["failed_trials"] for r in rows):  # a rerun runs those searches again from scratch
+            self._forget_tune_experiments()
         return rows
+
+    def _log_failed_detector(self, tracker: Tracker, run_id: str, det, space, record) -> None:
+        """The run of a (backbone, detector) pair whose every trial failed: FAILED, the reason as a tag."""
+        first = record["failed"][0]
+        tracker.log(run_id, params={**{f"fixed.{k}": v for k, v in det.params.items()}, "search_space": space,
+                                    "trials": len(record["failed"])},
+                    tags={"cached": "false", "error": first["reason"][:5000]})
+        tracker.log_text(run_id, first.get("traceback") or first["reason"], "error.txt")
+        tracker.end_run(run_id, "FAILED")
+
+    def _forget_tune_experiments(self) -> None:
+        """Remove this sweep's Tune experiments, so that a rerun runs its failed trials again instead of
+        restoring them (searches that finished are in the search cache)."""
+        import pyarrow.fs as pafs
+
+        from ood_core import storage
+
+        prefix = f"{self.cfg.name}-{self.sweep_key[:12]}"
+        fs, root = storage.resolve(join_uri(self.cfg.storage, "tune"))
+        for entry in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            if entry.type == pafs.FileType.Directory and (entry.base_name == prefix or
+                                                           entry.base_name.startswith(prefix + "-optuna-")):
+                fs.delete_dir(entry.path)
 
     def _log_detector(self, tracker: Tracker, run_id: str, bb, det, space, skey, record, scores, reused: bool):
         """The (backbone, detector) run: selected configuration, its metrics and figures; trials of a reused search."""
@@ -273,8 +344,10 @@ class SweepRunner:
             artifacts.log_exit_figures(tracker, run_id, det.label, det.params.get("layers", []),
                                        search_cache.paths(self.cfg.storage, skey)["scores"])
 
-    def _finish_searches(self, by_key, contexts, info) -> None:
-        """Select each search's best trial on validation, score it for the figures, cache both."""
+    def _finish_searches(self, by_key, contexts, info) -> Dict[str, Dict]:
+        """Per search: its trials that reported metrics, those that failed (parameters, one-line reason,
+        traceback), the one selected on validation and its test scores. Only a search without failed trials
+        is cached as complete; one whose every trial failed gets no selection (``selected`` None)."""
         import ray
 
         from orchestrator.search import select_best
@@ -284,19 +357,32 @@ class SweepRunner:
         metric, mode = cfg.search.metric, cfg.search.mode
         remote = ray.remote(final_scores).options(num_cpus=1, num_gpus=cfg.resources.gpus_per_trial,
                                                   max_retries=cfg.resources.max_retries)
-        pending = []
+        records, pending = {}, {}
         for key, results in by_key.items():
-            skey = info[key][3]
-            best = select_best(results, metric, mode)
+            ok = [r for r in results if r.error is None and f"val_{metric}" in r.metrics]
             trials = [{"params": entry_of(r.config)[1],
-                       "metrics": {k: float(v) for k, v in r.metrics.items() if _is_metric(k)}}
-                      for r in results if r.error is None and f"val_{metric}" in r.metrics]
-            selected = next(i for i, t in enumerate(trials) if t["params"] == entry_of(best.config)[1])
-            uri = search_cache.paths(cfg.storage, skey)["scores"]
-            pending.append((skey, trials, selected, remote.remote(contexts[key], trials[selected]["params"], uri)))
-        ray_get([ref for *_, ref in pending])
-        for skey, trials, selected, _ref in pending:
-            search_cache.save(cfg.storage, skey, trials, selected)
+                       "metrics": {k: float(v) for k, v in r.metrics.items() if _is_metric(k)}} for r in ok]
+            failed = [{"params": entry_of(r.config)[1], **_trial_failure(r)} for r in results if r not in ok]
+            records[key] = {"trials": trials, "failed": failed, "selected": None}
+            if not ok:
+                continue
+            best = select_best(ok, metric, mode)
+            records[key]["selected"] = next(i for i, r in enumerate(ok) if r is best)
+            uri = search_cache.paths(cfg.storage, info[key][3])["scores"]
+            pending[key] = remote.remote(contexts[key], trials[records[key]["selected"]]["params"], uri)
+        for key, ref in pending.items():
+            try:
+                ray_get([ref])
+            except Exception as exc:  # noqa: BLE001 - the selected configuration failed on a test set
+                reason = _task_failure(exc)
+                selected = records[key]["trials"][records[key]["selected"]]
+                records[key]["failed"].append({"params": selected["params"], "reason": f"test scoring: {reason}",
+                                               "traceback": str(exc)})
+                records[key].update(trials=[], selected=None)
+                continue
+            if not records[key]["failed"]:
+                search_cache.save(cfg.storage, info[key][3], records[key]["trials"], records[key]["selected"])
+        return records
 
     def _ray(self) -> None:
         if not self._ray_started:
@@ -333,14 +419,20 @@ class SweepRunner:
         if problems:
             raise UserError(f"this Ray cluster has {len(nodes)} nodes, but " + "; and ".join(problems))
 
-    def run(self) -> List[Dict]:
-        with latched_sigint():
-            return self._run()
+    def run(self, wait: bool = False) -> List[Dict]:
+        """Run the sweep; a second invocation of the same sweep exits (or, with ``wait``, waits) while this
+        one runs (:mod:`orchestrator.lock`)."""
+        from orchestrator.lock import SweepLock, lock_path
+
+        self.check_cluster()  # storage or tracking that only this node sees: refused before anything is written
+        with SweepLock(lock_path(self.cfg.storage, self.sweep_key), self.cfg.name) as lock:
+            lock.acquire(wait=wait, say=_say)
+            with latched_sigint():
+                return self._run()
 
     def _run(self) -> List[Dict]:
         cfg = self.cfg
         started = time.perf_counter()
-        self.check_cluster()
         tracker = Tracker(self.tracking_uri, cfg.name)
         _say(f"[sweep] {cfg.name}: {len(self.plan.backbones)} backbone(s), {len(cfg.detectors)} detector(s); "
              f"MLflow {self.tracking_uri}, experiment {cfg.name!r}")
@@ -365,12 +457,22 @@ class SweepRunner:
                 tracker.log_text(parent, report.format_seed_table(summary), "results_over_seeds.txt")
             from ood_core.plots import detector_comparison_figure
 
-            tracker.log_figure(parent, detector_comparison_figure(rows), "detector_comparison.png")
+            scored = [r for r in rows if not r.get("failed")]
+            if scored:
+                tracker.log_figure(parent, detector_comparison_figure(scored), "detector_comparison.png")
             overlap = val_test_overlap(cfg)
+            flagged = report.problems(rows)
+            self.failures = [f"{r['detector']} @ {r['backbone']}: " + (
+                f"every trial failed; {r['failed']}" if r.get("failed") else
+                f"{report.trials_cell(r)} trials finished; {r['failed_trials'][0]['reason']}")
+                for r in rows if r.get("failed") or r["failed_trials"]]
             tracker.log(parent, metrics=report.summary_metrics(rows),
                         tags={"sweep_seconds": f"{time.perf_counter() - started:.1f}",
                               "optimistic": str(bool(overlap)).lower(),
-                              **({"optimistic_sets": ",".join(overlap)} if overlap else {})})
+                              **({"optimistic_sets": ",".join(overlap)} if overlap else {}),
+                              "failed_searches": str(len(self.failures)),
+                              **({"problems": "\n".join(flagged)[:5000]} if flagged else {}),
+                              "collapsed_backbones": ",".join(sorted({r["backbone"] for r in rows if r["at_chance"]}))})
         _say("")
         _say(report.format_table(rows, metric_groups=("near", "far"), optimistic=bool(overlap)))
         _say(f"\n[sweep] done in {time.perf_counter() - started:.1f} s; browse with: python -m orchestrator ui")

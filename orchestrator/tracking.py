@@ -22,6 +22,70 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
+#: how long a store that another process holds (a locked sqlite file, tables being created) is waited for
+STORE_WAIT_S = 120.0
+_BUSY = ("database is locked", "database table is locked", "already exists", "unique constraint failed",
+         "duplicate column name",
+         "no such table")  # the last: another process is creating MLflow's tables right now
+_DAMAGED = ("file is not a database", "database disk image is malformed")
+
+
+def store_call(fn, uri: str, say=print):
+    """``fn()`` against the tracking store at ``uri``: a store that another process holds (a locked sqlite
+    file, MLflow's tables being created by a concurrent sweep) is waited for, up to :data:`STORE_WAIT_S`,
+    with one message; a damaged store is one line (:class:`UserError`)."""
+    from orchestrator.errors import UserError
+
+    deadline, told = time.monotonic() + STORE_WAIT_S, False
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below, re-raised otherwise
+            text = str(exc).lower()
+            if any(t in text for t in _DAMAGED):
+                reason = next(t for t in _DAMAGED if t in text)
+                raise UserError(f"tracking store {uri} cannot be used ({reason}); move the file aside or set "
+                                "tracking_uri to another store") from None
+            if not any(t in text for t in _BUSY) or time.monotonic() > deadline:
+                raise
+            if not told:
+                say(f"[mlflow] the tracking store {uri} is busy (another process is using it); waiting up to "
+                    f"{STORE_WAIT_S:.0f} s")
+                told = True
+            time.sleep(0.5)
+
+
+@contextmanager
+def creation_lock(uri: str):
+    """Hold an exclusive ``flock`` on a sqlite store's file while MLflow opens it (creating or migrating its
+    tables), so that sweeps started together do not run the migration twice; other stores: nothing."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = uri[len("sqlite:///"):]
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "ab") as f:  # an empty file is an empty sqlite database
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _StoreClient:
+    """An :class:`MlflowClient` whose every call goes through :func:`store_call`."""
+
+    def __init__(self, client: MlflowClient, uri: str):
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return lambda *a, **k: store_call(lambda: attr(*a, **k), self._uri)
 
 
 class Tracker:
@@ -30,10 +94,15 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str):
         self.tracking_uri = tracking_uri
         mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        with creation_lock(tracking_uri):  # MLflow's table creation / migration is not safe to run twice at once
+            self.client = _StoreClient(store_call(lambda: MlflowClient(tracking_uri), tracking_uri), tracking_uri)
+            self.experiment_id = store_call(lambda: self._experiment_id(experiment), tracking_uri)
         self.experiment = experiment
+
+    def _experiment_id(self, name: str) -> str:
+        """The experiment's id, created when absent (a concurrent creation makes the retry find it)."""
+        exp = self.client._client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else self.client._client.create_experiment(name)
 
     # -- runs --------------------------------------------------------------------------
     def start_run(self, name: str, parent: Optional[str] = None, tags: Optional[Dict[str, str]] = None) -> str:

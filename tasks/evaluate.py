@@ -171,24 +171,47 @@ def entry_of(config: Dict) -> Tuple[str, Dict]:
     return entry["key"], params
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (the first line of the message), for tables and tags."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def constant(scores: Dict[str, np.ndarray]) -> bool:
+    """Whether every score of every set is the same value: a detector that cannot rank anything."""
+    values = np.concatenate([np.asarray(v, np.float64).ravel() for v in scores.values()])
+    return values.size > 1 and bool(np.ptp(values) == 0)
+
+
 def tune_trial(config: Dict, contexts: Dict[str, Dict]) -> None:
     """Tune function trainable: one (backbone, detector, hyperparameters) point, reported once.
 
     ``config["entry"]`` = ``{"key": ..., "params": {...}}``; ``contexts[key]`` says which detector,
-    backbone and cached feature files the key stands for.
+    backbone and cached feature files the key stands for. An exception raised by the detector or the
+    protocol is deterministic (the same inputs fail the same way): it is reported as the trial's result
+    (``trial_error``: one line; ``trial_traceback``), so Tune does not retry it and the sweep records it;
+    Tune retries only trials whose worker was lost.
     """
+    import traceback
+
     from ray import tune
 
     key, params = entry_of(config)
     context = contexts[key]
-    scores, _labels = score_detector_on_sets(context, params)
-    tune.report(evaluate_scores(context, scores))
+    try:
+        scores, _labels = score_detector_on_sets(context, params)
+        metrics = evaluate_scores(context, scores)
+    except Exception as exc:  # noqa: BLE001 - reported, not retried
+        tune.report({"trial_error": one_line(exc), "trial_traceback": traceback.format_exc()})
+        return
+    tune.report(metrics)
 
 
 def final_scores(context: Dict, params: Dict, uri: str) -> str:
     """Score the selected configuration on ID test and every OOD test set; store them at ``uri``.
 
-    The file is Parquet with columns ``set`` (data set label) and ``score`` (float32).
+    The file is Parquet with columns ``set`` (data set label) and ``score`` (float32); its sha256 is
+    recorded in ``<uri>.sha256`` (checked on reuse by :func:`orchestrator.search_cache.load`).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -204,7 +227,7 @@ def final_scores(context: Dict, params: Dict, uri: str) -> str:
     if f"exit:{keep[0]}" in labels:  # the layer at which each sample exited (early-exit detectors)
         columns["exit_layer"] = pa.array(np.concatenate([labels[f"exit:{k}"] for k in keep]).astype(np.int16))
     table = pa.table(columns)
-    with storage.atomic_output(uri) as f:
+    with storage.atomic_output(uri, record_hash=True) as f:
         pq.write_table(table, f)
     return uri
 
@@ -246,3 +269,13 @@ def backbone_accuracy(uri: str) -> float:
 
     fs = _read(uri, ("logits",))
     return float(accuracy(fs.columns["logits"], fs.labels))
+
+
+def at_chance(uri: str, num_classes: int) -> bool:
+    """Whether the backbone's ID test accuracy is within 3 binomial standard deviations of chance (1/C):
+    a collapsed training run, on which no detector result means anything."""
+    import math
+
+    n = len(_read(uri, ("logits",)).labels)
+    p = 1.0 / num_classes
+    return backbone_accuracy(uri) <= p + 3 * math.sqrt(p * (1 - p) / max(n, 1))

@@ -9,18 +9,23 @@ from tasks.runtime import input_format, load_backbone, setup_worker
 
 def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_classes: int, fmt: Dict,
                     batch_size: int) -> Dict:
-    """Write the features of ``feature["dataset"]`` to ``feature["uri"]`` (atomic; reused when valid).
+    """Write the features of ``feature["dataset"]`` to ``feature["uri"]`` (atomic, with its content hash
+    recorded in ``<uri>.sha256``; reused when its content matches that hash and its structure is valid,
+    set aside when damaged).
 
-    Returns extraction stats plus ``cached`` (True when a valid file was already there).
+    Returns extraction stats plus ``cached`` (True when an intact file was already there).
     """
     import torch
 
     from ood_core.data import load_dataset
-    from ood_core.feature_store import validate_feature_file
+    from ood_core.feature_store import check_feature_file
     from ood_core.hooks import LayerSpec, extract_features
 
     specs = [LayerSpec(name=l["name"], module=l["module"], reduction=l["reduction"]) for l in layers]
-    if validate_feature_file(feature["uri"], [s.column for s in specs]):
+    check = check_feature_file(feature["uri"], [s.column for s in specs])
+    if check.note:  # the driver checked first; this sees only what changed since (another sweep's writes)
+        print(f"[extract] {backbone['label']}/{feature['dataset']['label']}: {check.note}", flush=True)
+    if check.ok:
         return {"uri": feature["uri"], "cached": True}
 
     device = setup_worker()
@@ -36,6 +41,7 @@ def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_class
     from ray.experimental.tqdm_ray import tqdm
 
     bar = tqdm(total=len(loader), desc=f"extract {backbone['label']}/{ds['label']}")
-    stats = extract_features(model, loader, specs, feature["uri"], metadata=metadata, device=device, progress=bar)
+    stats = extract_features(model, loader, specs, feature["uri"], metadata=metadata, device=device, progress=bar,
+                             writer_options={"record_hash": True})
     bar.close()
     return {"uri": feature["uri"], "cached": False, **stats}

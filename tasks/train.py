@@ -13,28 +13,33 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
     ``backbone``: a plan entry (key, arch, params, train, seed, checkpoint_uri, label, and optionally
     ``checkpoint``: a user checkpoint to load instead of training). Returns ``{"key", "sha256",
     "history", "cached", "seconds"}`` (plus ``source_checkpoint``, ``source_sha256`` and
-    ``evaluation`` (ID val loss / accuracy) for a user checkpoint). A valid checkpoint at
-    ``checkpoint_uri`` is reused: training is skipped and its stored history returned. Training
+    ``evaluation`` (ID val loss / accuracy) for a user checkpoint). A checkpoint at ``checkpoint_uri``
+    whose content matches its recorded sha256 (``<checkpoint_uri>.sha256``) and that loads is reused:
+    training is skipped and its stored history returned; a damaged one is set aside and retrained. Training
     writes a resume checkpoint (``checkpoint_uri + ".resume"``) every epoch and continues from it
     when the task is retried; it is removed once the final checkpoint is saved.
     """
     from ood_core import storage
-    from ood_core.checkpoints import CheckpointError, load_checkpoint, load_user_checkpoint, save_checkpoint, sha256_bytes
+    from ood_core.checkpoints import CheckpointError, load_checkpoint, load_user_checkpoint, save_checkpoint
     from ood_core.data import load_dataset
     from ood_core.models import build_model
     from ood_core.training import evaluate_classifier, make_train_config, train_classifier
 
-    if storage.exists(backbone["checkpoint_uri"]):
+    uri = backbone["checkpoint_uri"]
+    check = storage.verify_cached(uri, "checkpoint", redo="retraining")
+    if check.ok:
         try:
-            _state, meta = load_checkpoint(backbone["checkpoint_uri"])
-            out = {"key": backbone["key"], "sha256": sha256_bytes(storage.read_bytes(backbone["checkpoint_uri"])),
+            _state, meta = load_checkpoint(uri)
+            out = {"key": backbone["key"], "sha256": check.sha256,
                    "history": meta.get("history", []), "cached": True, "seconds": 0.0}
             for k in ("source_checkpoint", "source_sha256", "evaluation"):
                 if k in meta:
                     out[k] = meta[k]
             return out
-        except CheckpointError:
-            pass  # corrupt cache entry: retrain and overwrite
+        except CheckpointError as exc:  # intact bytes that do not load (a foreign file): set aside, retrain
+            check = storage.Cached(False, note=storage.discard_cached(uri, "checkpoint", str(exc), "retraining"))
+    if check.note:  # the driver checked first; this sees only what changed since (another sweep's writes)
+        print(f"[train] {backbone['label']}: {check.note}", flush=True)
 
     device = setup_worker()
     start = time.perf_counter()
@@ -50,7 +55,7 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
         evaluation = evaluate_classifier(model, val_set, device=device)
         meta.update(history=[], source_checkpoint=backbone["checkpoint"], source_sha256=info["sha256"],
                     evaluation=evaluation)
-        sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta)
+        sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta, record_hash=True)
         return {"key": backbone["key"], "sha256": sha, "history": [], "cached": False,
                 "seconds": time.perf_counter() - start, "source_checkpoint": backbone["checkpoint"],
                 "source_sha256": info["sha256"], "evaluation": evaluation}
@@ -72,7 +77,7 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
                                on_epoch=on_epoch, resume_uri=resume_uri, input_format=f)
     bar.close()
     meta["history"] = history
-    sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta)
+    sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta, record_hash=True)
     storage.remove(resume_uri)
     return {"key": backbone["key"], "sha256": sha, "history": history, "cached": False,
             "seconds": time.perf_counter() - start}

@@ -22,6 +22,7 @@ def _files(root):
 
 
 def test_two_sweeps_sharing_one_store_at_the_same_time(tmp_path, clean_sweep):
+    from ood_core import storage
     from ood_core.checkpoints import load_checkpoint
     from ood_core.feature_store import read_features, validate_feature_file
 
@@ -49,9 +50,13 @@ def test_two_sweeps_sharing_one_store_at_the_same_time(tmp_path, clean_sweep):
 
     # the shared cache: the clean run's files, complete, no temporaries left behind, same content
     clean = clean_sweep["storage"]
-    cached = [f for f in _files(store) if not f.startswith("tune")]
-    assert cached == [f for f in _files(clean) if not f.startswith("tune")]
-    assert not any(".tmp-" in f for f in _files(store))
+    listed = [f for f in _files(store) if not f.startswith("tune")]
+    assert listed == [f for f in _files(clean) if not f.startswith("tune")]
+    assert not any(".tmp-" in f or ".damaged-" in f for f in _files(store))
+    # every cached file carries its content hash, and the record describes the file that is there
+    cached = [f for f in listed if not f.endswith(storage.HASH_SUFFIX)]
+    assert sorted(f + storage.HASH_SUFFIX for f in cached) == [f for f in listed if f.endswith(storage.HASH_SUFFIX)]
+    assert all(storage.verify(store / f).ok for f in cached)
     features = [f for f in cached if f.startswith("features")]
     assert len(features) == 9
     for rel in features:

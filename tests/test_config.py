@@ -82,8 +82,42 @@ CASES = [
     ("detectors[2].search.t", {"grid": [-1, 1]}, "detectors[2].search.t: EnergyBased: t=-1 "),
     ("detectors[4].search.d", {"randint": [0, 8]}, "detectors[4].search.d: ViM: d=0 "),
     # ... and against the data (known from the model's shapes and the data set's size, before any training)
-    ("detectors[5].search.k", {"grid": [1, 5000]}, "detectors[5].search.k: KNN: k=5000 must be in [1, N=648]"),
+    ("detectors[5].search.k", {"grid": [1, 5000]}, "detectors[5].search.k: KNN: k=5000 must be in [1, N=650]"),
     ("detectors[4].search.d", {"grid": [16, 128]}, "detectors[4].search.d: ViM: d=128 must be in [1, D - 1=127]"),
+    # data-set parameter values, before any data is read (a traceback from validate before)
+    ("data.id.params.classes", [], "data.id.params.classes: dataset 'digits': classes must be a non-empty list"),
+    ("data.id.params.classes", [0, 99], "data.id.params.classes: dataset 'digits': classes must be a non-empty list of "
+                                        "distinct integers in 0..9, got [0, 99]"),
+    ("data.ood_test.near[0].params.classes", [6, 6], "data.ood_test.near[0].params.classes: dataset 'digits':"),
+    ("data.ood_test.far[0].params.n", -5, "data.ood_test.far[0].params.n: dataset 'gaussian_noise': n must be an "
+                                          "integer >= 1, got -5"),
+    ("data.ood_val[1].params", {"patch": 1}, "data.ood_val[1].params.patch: dataset 'sklearn_photos': patch must be"),
+    ("data.ood_val[1].params", {"fractions": [0.5, 0.5, 0.5]}, "data.ood_val[1].params.fractions: dataset "
+                                                                "'sklearn_photos': fractions"),
+    ("data.id", {"dataset": "textures"}, "data.id.dataset: dataset 'textures' is an OOD-only set"),
+    ("data.ood_val[0]", {"dataset": "textures", "split": "val"},
+     "data.ood_val[0].params.val_size: dataset 'textures': the val split is empty"),
+    # numbers: sane bounds, finite
+    ("backbones[0].train.epochs", 1e30, "backbones[0].train.epochs: 1e+30 is too large"),
+    ("backbones[0].train.epochs", 1_000_000, "backbones[0].train.epochs: Input should be less than or equal to 10000"),
+    ("backbones[0].train.lr", 1e30, "backbones[0].train.lr: Input should be less than or equal to 10"),
+    ("backbones[0].train.lr", float("nan"), "backbones[0].train.lr: must be a finite number"),
+    ("backbones[0].train.batch_size", 10 ** 9, "backbones[0].train.batch_size: Input should be less than or equal"),
+    ("backbones[0].train.weight_decay", 5, "backbones[0].train.weight_decay: Input should be less than or equal to 1"),
+    ("backbones[0].seeds", [-1], "backbones[0].seeds[0]: Input should be greater than or equal to 0"),
+    ("seed", 2 ** 40, "seed: Input should be less than or equal to 4294967295"),
+    ("extract.batch_size", 10 ** 9, "extract.batch_size: Input should be less than or equal"),
+    ("search.num_samples", 10 ** 9, "search.num_samples: Input should be less than or equal"),
+    ("data.id.format", {"std": [0.0]}, "data.id.format.std[0]: Input should be greater than 0"),
+    # names that become paths: a safe character set, no way out of the folder
+    ("name", "../../../tmp/x", "name: '../../../tmp/x' is not a safe name"),
+    ("name", "a/b", "name: 'a/b' is not a safe name"),
+    ("name", ".hidden", "name: '.hidden' is not a safe name"),
+    ("backbones[0].name", "../cnn", "backbones[0].name: '../cnn' is not a safe name"),
+    ("data.ood_val[0].name", "val set", "data.ood_val[0].name: 'val set' is not a safe name"),
+    ("data.ood_test.far[0].name", "..", "data.ood_test.far[0].name: '..' is not a safe name"),
+    ("detectors[1].name", "../../x", "detectors[1].name: '../../x' is not a safe name"),
+    ("extract.layers[2].name", "c/../../d", "extract.layers[2].name: 'c/../../d' is not a safe name"),
 ]
 
 
@@ -110,9 +144,9 @@ def test_default_spaces_adapt_to_the_data(base):
     cfg["detectors"].append({"type": "GEN"})
     plan = make_plan(parse_config(cfg))
     searches = plan.backbones[0].searches
-    assert plan.n_train == 648 and plan.backbones[0].widths["penultimate"] == 128 and plan.num_classes == 6
+    assert plan.n_train == 650 and plan.backbones[0].widths["penultimate"] == 128 and plan.num_classes == 6
     assert all(d < 128 for d in searches["ViM"]["d"]["grid"])  # OpenOOD's {256, 1000} cannot fit 128-d features
-    assert all(k <= 648 for k in searches["KNN"]["k"]["grid"])
+    assert all(k <= 650 for k in searches["KNN"]["k"]["grid"])
     assert all(m <= 6 for m in searches["GEN"]["M"]["grid"])
 
 
@@ -122,7 +156,7 @@ def test_sweep_refuses_an_unfittable_value_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(bad)], capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == "error: detectors[5].search.k: KNN: k=5000 must be in [1, N=648]"
+    assert proc.stderr.strip() == "error: detectors[5].search.k: KNN: k=5000 must be in [1, N=650]"
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".ood_sweep").exists()
 
 
@@ -140,6 +174,27 @@ def test_missing_file_and_bad_yaml(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     bad.write_text("- a list\n")
     assert main(["validate", str(bad)]) == 2
+
+
+def test_yaml_errors_give_line_and_column(tmp_path, capsys):
+    text = QUICKSTART.read_text()
+    bad = tmp_path / "x.yaml"
+    # line 14 of the file: a flow mapping left open; YAML notices at the '-' of line 15
+    lines = text.splitlines()
+    assert "digits-6-9-val" in lines[13] and lines[13].endswith("}}")
+    lines[13] = lines[13][:-1]
+    bad.write_text("\n".join(lines) + "\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {bad}:15:5: not valid YAML: expected ',' or '}}', but got '-' (while parsing a flow "
+                   "mapping at line 14, column 7)"), err
+    bad.write_text("name: x\nseed: 0\nseed: 1\n")  # YAML would silently keep the last one
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {bad}:3:1: not valid YAML: duplicate key 'seed' (first given at line 2, column 1)", err
+    bad.write_bytes(b"name: \xff\xfe\n")
+    assert main(["validate", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {bad}: not a UTF-8 text file")
 
 
 def test_overlap_allowed_when_marked(base):

@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import (ArrayImageDataset, DataMissingError, InputFormat, check_count, check_split, data_root,
-                   fetch_with, remap_classes, stratified_holdout, subsample)
+from .base import (ArrayImageDataset, DataFileError, DataMissingError, DatasetParamError, InputFormat, check_count,
+                   check_split, data_root, fetch_with, remap_classes, stratified_holdout, subsample)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -61,9 +61,9 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as fh:
             obj = _ArraysUnpickler(fh, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path} is not a CIFAR batch file: {exc}") from None
+        raise DataFileError(f"{path} is not a CIFAR batch file: {exc}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a CIFAR batch file (no dict inside)")
+        raise DataFileError(f"{path} is not a CIFAR batch file (no dict inside)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -72,7 +72,7 @@ def _read_cifar(folder: Path, files: Sequence[str], label_key: str) -> Tuple[np.
     for f in files:
         d = _unpickle(folder / f)
         if "data" not in d or label_key not in d:
-            raise ValueError(f"{folder / f} is not a CIFAR batch file (keys {sorted(d)})")
+            raise DataFileError(f"{folder / f} is not a CIFAR batch file (keys {sorted(d)})")
         images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(d[label_key], dtype=np.int64))
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
@@ -84,7 +84,7 @@ def _read_svhn(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     try:
         mat = loadmat(str(path))
     except Exception as exc:  # scipy raises ValueError / MatReadError / NotImplementedError
-        raise ValueError(f"{path} is not an SVHN .mat file: {exc}") from None
+        raise DataFileError(f"{path} is not an SVHN .mat file: {exc}") from None
     x = np.ascontiguousarray(np.transpose(np.asarray(mat["X"], dtype=np.uint8), (3, 2, 0, 1)))
     y = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
     y[y == 10] = 0  # SVHN stores the digit 0 as label 10
@@ -100,12 +100,12 @@ def read_idx(path: Path) -> np.ndarray:
     """An idx file (LeCun's MNIST format, optionally gzipped) as a uint8 array."""
     data = _open_maybe_gz(path)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+        raise DataFileError(f"{path} is not an idx file of unsigned bytes")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: idx header says {dims} but holds {body.size} bytes")
+        raise DataFileError(f"{path}: idx header says {dims} but holds {body.size} bytes")
     return body.reshape(dims)
 
 
@@ -159,7 +159,7 @@ class ArraySource:
     def load(self, folder: Path, part: str) -> Tuple[np.ndarray, np.ndarray]:
         x, y = self.read(folder, part)
         if len(x) != len(y):
-            raise ValueError(f"dataset {self.name!r}: {len(x)} images but {len(y)} labels in {folder} ({part})")
+            raise DataFileError(f"dataset {self.name!r}: {len(x)} images but {len(y)} labels in {folder} ({part})")
         x.setflags(write=False)
         y.setflags(write=False)
         return x, y
@@ -237,9 +237,9 @@ def _check_params(name: str, split: str, val_size, test_pool: str, max_samples) 
     check_count(name, "val_size", val_size)
     check_count(name, "max_samples", max_samples, allow_none=True, minimum=1)
     if test_pool not in ("test", "all"):
-        raise ValueError(f"dataset {name!r}: test_pool must be 'test' or 'all', got {test_pool!r}")
+        raise DatasetParamError("test_pool", f"dataset {name!r}: test_pool must be 'test' or 'all', got {test_pool!r}")
     if test_pool == "all" and split == "train":
-        raise ValueError(f"dataset {name!r}: test_pool 'all' pools the training images into val/test; "
+        raise DatasetParamError("test_pool", f"dataset {name!r}: test_pool 'all' pools the training images into val/test; "
                          "the train split is not available then")
 
 
@@ -266,9 +266,9 @@ def build_array_set(name: str, *, split: str, fmt: InputFormat, seed: int, root:
         else:
             images, labels = src.load(folder, "test")
         if split == "val" and int(val_size) == 0:
-            raise ValueError(f"dataset {name!r}: the val split is empty with val_size 0")
+            raise DatasetParamError("val_size", f"dataset {name!r}: the val split is empty with val_size 0")
         if int(val_size) >= len(labels):
-            raise ValueError(f"dataset {name!r}: val_size {val_size} leaves no test images "
+            raise DatasetParamError("val_size", f"dataset {name!r}: val_size {val_size} leaves no test images "
                              f"(the pool has {len(labels)}; found in {folder})")
         held = stratified_holdout(labels, int(val_size), seed, stream)
         idx = np.flatnonzero(held if split == "val" else ~held)

@@ -16,6 +16,8 @@ import contextlib
 import inspect
 import math
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -24,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
+
+from ood_core.errors import UserCausedError
 
 SPLITS: Tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FRACTIONS: Tuple[float, float, float] = (0.6, 0.15, 0.25)
@@ -34,13 +38,62 @@ DATA_ENV = "OOD_SWEEP_DATA"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-class DataMissingError(FileNotFoundError):
+# The errors below are user-caused (ood_core.errors.UserCausedError: one line, exit 2 from the command line).
+# Each can also be built from its message alone, as torch's DataLoader rebuilds an error raised in a worker
+# process (``cls(message)``), and pickles its own arguments, as Ray ships an error raised in a task.
+
+
+class DataMissingError(UserCausedError, FileNotFoundError):
     """A data set is not on disk (and cannot be fetched). ``str(exc)`` is one line naming the data
     set, the path that was searched and how to provide it."""
 
-    def __init__(self, dataset: str, searched: Any, hint: str):
-        self.dataset, self.searched, self.hint = dataset, str(searched), hint
-        super().__init__(f"data set {dataset!r} not found (searched {self.searched}); {hint}")
+    def __init__(self, dataset: str, searched: Any = None, hint: Optional[str] = None):
+        self.dataset, self.searched, self.hint = dataset, None if searched is None else str(searched), hint
+        if searched is None and hint is None:  # the message alone
+            self._message = str(dataset)
+        else:
+            self._message = f"data set {dataset!r} not found (searched {self.searched}); {hint}"
+        super().__init__(self._message)
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __reduce__(self):
+        return (type(self), (self.dataset, self.searched, self.hint))
+
+
+class DatasetParamError(UserCausedError, ValueError):
+    """A data-set parameter has a value the data set cannot use; ``param`` names it (``classes``), so
+    the orchestrator can name the field (``data.id.params.classes: ...``)."""
+
+    def __init__(self, param: str, message: Optional[str] = None):
+        if message is None:  # the message alone
+            param, message = None, param
+        self.param = param
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.param, str(self)))
+
+
+class DataFileError(UserCausedError, ValueError):
+    """A data file is there but is not what its data set needs (damaged, another format); the message
+    names the file."""
+
+
+class ImageReadError(UserCausedError, OSError):
+    """An image file cannot be decoded (damaged, not an image, too large); the message names the file."""
+
+    def __init__(self, path: Any, reason: Optional[str] = None):
+        self.path, self.reason = str(path), reason
+        self._message = self.path if reason is None else f"cannot read image {self.path}: {reason}"
+        super().__init__(self._message)
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror) pairs
+        return self._message
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason))
 
 
 @dataclass(frozen=True)
@@ -152,9 +205,9 @@ def check_fractions(name: str, fractions: Sequence[float]) -> Tuple[float, float
     try:
         fr = tuple(float(f) for f in fractions)
     except (TypeError, ValueError):
-        raise ValueError(f"dataset {name!r}: fractions must be three numbers, got {fractions!r}") from None
+        raise DatasetParamError("fractions", f"dataset {name!r}: fractions must be three numbers, got {fractions!r}") from None
     if len(fr) != 3 or any(not (0 <= f <= 1) for f in fr) or abs(sum(fr) - 1) > 1e-6:
-        raise ValueError(f"dataset {name!r}: fractions (train, val, test) must be three numbers "
+        raise DatasetParamError("fractions", f"dataset {name!r}: fractions (train, val, test) must be three numbers "
                          f"in [0, 1] summing to 1, got {list(fractions)}")
     return fr  # type: ignore[return-value]
 
@@ -181,7 +234,7 @@ def check_count(name: str, key: str, value: Any, *, allow_none: bool = False, mi
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) or int(value) != value \
             or value < minimum:
-        raise ValueError(f"dataset {name!r}: {key} must be an integer >= {minimum}, got {value!r}")
+        raise DatasetParamError(key, f"dataset {name!r}: {key} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -219,15 +272,28 @@ def subsample(idx: np.ndarray, max_samples: Optional[int], seed: int, stream: in
     return idx[keep]
 
 
+def check_classes(name: str, classes: Any, num_classes: Optional[int]) -> List[int]:
+    """``classes`` as a list of ints: a non-empty list of distinct integers in ``0..num_classes - 1``
+    (any non-negative integers when the class count is not known without the files)."""
+    upper = f"0..{num_classes - 1}" if num_classes else ">= 0"
+    msg = f"dataset {name!r}: classes must be a non-empty list of distinct integers in {upper}, got {classes!r}"
+    if not isinstance(classes, (list, tuple)) or not classes:
+        raise DatasetParamError("classes", msg)
+    if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in classes):
+        raise DatasetParamError("classes", msg)
+    cls = [int(c) for c in classes]
+    if len(set(cls)) != len(cls) or any(c < 0 or (num_classes and c >= num_classes) for c in cls):
+        raise DatasetParamError("classes", msg)
+    return cls
+
+
 def remap_classes(name: str, labels: np.ndarray, classes: Optional[Sequence[int]],
                   num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     """Positions of items whose label is in ``classes`` and their labels remapped to the position
     in ``classes`` (all items, labels unchanged, when ``classes`` is None)."""
     if classes is None:
         return np.arange(len(labels)), labels.astype(np.int64)
-    cls = [int(c) for c in classes]
-    if not cls or len(set(cls)) != len(cls) or any(c < 0 or c >= num_classes for c in cls):
-        raise ValueError(f"dataset {name!r}: classes must be distinct integers in 0..{num_classes - 1}, got {list(classes)}")
+    cls = check_classes(name, classes, num_classes)
     lookup = np.full(num_classes, -1, dtype=np.int64)
     lookup[cls] = np.arange(len(cls))
     new = lookup[labels]
@@ -358,8 +424,10 @@ def _decode(path: Path, size: int) -> np.ndarray:
             if side != size:
                 im = im.resize((size, size), Image.BILINEAR)
             arr = np.array(im, dtype=np.uint8)
-    except OSError as exc:
-        raise OSError(f"cannot read image {path}: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # not an OSError; PIL's message does not name the file
+        raise ImageReadError(path, f"too large to decode safely ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as exc:  # damaged / not an image
+        raise ImageReadError(path, str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__) from exc
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

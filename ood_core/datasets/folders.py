@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import (IMAGE_EXTENSIONS, DataMissingError, FileImageDataset, InputFormat, check_count, check_fractions, check_split,
+from .base import (IMAGE_EXTENSIONS, DataMissingError, DatasetParamError, FileImageDataset, InputFormat, check_count, check_fractions, check_split,
                    data_root, fetch_with, has_images, list_images, rng, stratified_holdout, subsample, take_split)
 
 ROOT_HINT = "(data root: params.root, else $OOD_SWEEP_DATA, else ~/.ood_sweep/data)"
@@ -117,9 +117,9 @@ def _ood_params(name: str, split: str, val_size, max_samples) -> None:
     check_count(name, "val_size", val_size)
     check_count(name, "max_samples", max_samples, allow_none=True, minimum=1)
     if split == "train":
-        raise ValueError(f"dataset {name!r} is an OOD-only set: it has val and test splits, no train split")
+        raise DatasetParamError("split", f"dataset {name!r} is an OOD-only set: it has val and test splits, no train split")
     if split == "val" and int(val_size) == 0:
-        raise ValueError(f"dataset {name!r}: the val split is empty; give val_size > 0 "
+        raise DatasetParamError("val_size", f"dataset {name!r}: the val split is empty; give val_size > 0 "
                          "(and the same val_size to its test entry)")
 
 
@@ -130,7 +130,8 @@ def _make_ood(name: str):
         folder = _require_folder(name, data_root(root), download)
         paths = _listing(folder)
         if int(val_size) >= len(paths):
-            raise ValueError(f"dataset {name!r}: val_size {val_size} leaves no test images ({len(paths)} in {folder})")
+            raise DatasetParamError("val_size", f"dataset {name!r}: val_size {val_size} leaves no test images "
+                                    f"({len(paths)} in {folder})")
         held = stratified_holdout(np.zeros(len(paths), dtype=np.int64), int(val_size), seed, _stream(name))
         idx = subsample(np.flatnonzero(held if split == "val" else ~held), max_samples, seed, _stream(name))
         return FileImageDataset([paths[i] for i in idx], np.full(len(idx), -1), fmt, None, name)
@@ -211,7 +212,7 @@ def build_tinyimagenet(*, split: str, fmt: InputFormat, seed: int, root: Optiona
     excluded = set(exclude_wnids or ())
     unknown = sorted(excluded - set(all_wnids))
     if unknown:
-        raise ValueError(f"dataset 'tinyimagenet': exclude_wnids has unknown ids {unknown[:5]}")
+        raise DatasetParamError("exclude_wnids", f"dataset 'tinyimagenet': exclude_wnids has unknown ids {unknown[:5]}")
     kept = [w for w in all_wnids if w not in excluded]
     pos = {w: i for i, w in enumerate(kept)}
     paths, wnids = _tin_index(base, _tin_parts(split)[0])
@@ -219,9 +220,9 @@ def build_tinyimagenet(*, split: str, fmt: InputFormat, seed: int, root: Optiona
     idx = np.flatnonzero(labels >= 0)
     if split != "test":
         if split == "val" and int(val_size) == 0:
-            raise ValueError("dataset 'tinyimagenet': the val split is empty with val_size 0")
+            raise DatasetParamError("val_size", "dataset 'tinyimagenet': the val split is empty with val_size 0")
         if int(val_size) >= len(idx):
-            raise ValueError(f"dataset 'tinyimagenet': val_size {val_size} leaves no training images "
+            raise DatasetParamError("val_size", f"dataset 'tinyimagenet': val_size {val_size} leaves no training images "
                              f"({len(idx)} in {base / 'train'})")
         held = stratified_holdout(labels[idx], int(val_size), seed, _stream("tinyimagenet"))
         idx = idx[held if split == "val" else ~held]
@@ -248,9 +249,9 @@ def _is_class_layout(folder: Path) -> bool:
 
 def _folder_params(path, layout, fractions, max_samples) -> Tuple[Path, Optional[Tuple[float, float, float]]]:
     if not isinstance(path, str) or not path:
-        raise ValueError("dataset 'image_folder': params.path must name a local folder of images")
+        raise DatasetParamError("path", "dataset 'image_folder': params.path must name a local folder of images")
     if layout not in LAYOUTS:
-        raise ValueError(f"dataset 'image_folder': layout must be one of {LAYOUTS}, got {layout!r}")
+        raise DatasetParamError("layout", f"dataset 'image_folder': layout must be one of {LAYOUTS}, got {layout!r}")
     check_count("image_folder", "max_samples", max_samples, allow_none=True, minimum=1)
     fr = check_fractions("image_folder", fractions) if fractions is not None else None
     return Path(path).expanduser().absolute(), fr
@@ -264,7 +265,7 @@ def _source_folder(path: Path, split: str, fr) -> Path:
                                    f"the folder has {'/'.join(sorted(folders))} sub-folders but no {split}/")
         return folders[split]
     if fr is None and split != "test":
-        raise ValueError(f"dataset 'image_folder' {path}: no {split} split; add train/ val/ test/ sub-folders "
+        raise DatasetParamError("fractions", f"dataset 'image_folder' {path}: no {split} split; add train/ val/ test/ sub-folders "
                          "or give fractions: [train, val, test]")
     return path
 

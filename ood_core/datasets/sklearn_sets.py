@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .base import DEFAULT_FRACTIONS, SPLITS, InputFormat, check_fractions, rng, take_split, tensor_dataset
+from .base import (DEFAULT_FRACTIONS, SPLITS, DatasetParamError, InputFormat, check_classes, check_count, check_fractions,
+                   rng, take_split, tensor_dataset)
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,11 +40,7 @@ def build_digits(*, split: str, fmt: InputFormat, seed: int,
                  fractions: Sequence[float] = DEFAULT_FRACTIONS) -> TensorDataset:
     """scikit-learn digits (8x8, 10 classes), stratified split; labels = position in ``classes``."""
     fr = check_fractions("digits", fractions)
-    if classes is None:
-        classes = list(range(10))
-    classes = [int(c) for c in classes]
-    if not classes or len(set(classes)) != len(classes) or any(c < 0 or c > 9 for c in classes):
-        raise ValueError(f"dataset 'digits': classes must be distinct integers in 0..9, got {classes}")
+    classes = list(range(10)) if classes is None else check_classes("digits", classes, 10)
     images, target = digits_raw()
     idx, labels = [], []
     for pos, c in enumerate(classes):
@@ -59,8 +56,7 @@ def build_digits(*, split: str, fmt: InputFormat, seed: int,
 
 
 def _noise(kind: int, split: str, fmt: InputFormat, seed: int, n: int) -> TensorDataset:
-    if int(n) != n or n < 1:
-        raise ValueError(f"noise data sets: n must be a positive integer, got {n}")
+    n = check_count(("gaussian_noise", "uniform_noise")[kind], "n", n, minimum=1)
     gen = rng(seed, 1, kind, SPLITS.index(split))  # disjoint stream per (kind, split)
     shape = (int(n), fmt.channels, fmt.image_size, fmt.image_size)
     if kind == 0:
@@ -95,12 +91,18 @@ def photo_tiles(patch: int) -> np.ndarray:
     return out
 
 
+def check_photo_patch(patch) -> int:
+    if isinstance(patch, bool) or not isinstance(patch, (int, np.integer, float)) or int(patch) != patch \
+            or not 2 <= patch <= 427:
+        raise DatasetParamError("patch", f"dataset 'sklearn_photos': patch must be an integer in 2..427, got {patch!r}")
+    return int(patch)
+
+
 def build_sklearn_photos(*, split: str, fmt: InputFormat, seed: int, patch: int = 32,
                          fractions: Sequence[float] = DEFAULT_FRACTIONS) -> TensorDataset:
     """Non-overlapping ``patch`` tiles of scikit-learn's two sample photos, unlabelled."""
     fr = check_fractions("sklearn_photos", fractions)
-    if int(patch) != patch or not 2 <= patch <= 427:
-        raise ValueError(f"dataset 'sklearn_photos': patch must be an integer in 2..427, got {patch}")
+    check_photo_patch(patch)
     tiles = photo_tiles(int(patch))
     chosen = take_split(rng(seed, 2).permutation(len(tiles)), split, fr)
     x = torch.from_numpy(tiles[chosen].astype(np.float32) / 255.0)
