@@ -1,5 +1,5 @@
 """Fit / predict time of our detectors vs pytorch-ood 0.4.0 on the same features (target: ratio <= 1.0,
-<= 0.5 for KNN, Mahalanobis, RMD, GMM and OpenMax).
+<= 0.5 for Mahalanobis, RMD, GMM and OpenMax).
 
     python benchmarks/detectors.py [--n-train 50000] [--dim 512] [--n-test 20000] [--classes 10 100]
                                    [--device cpu] [--only NAME ...] [--repeat 3] [--threads 0] [--seed 0]
@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ood_core import detectors as ours  # noqa: E402
 
-HALF_TARGET = {"KNN", "Mahalanobis", "RMD", "GMM", "OpenMax"}
+#: KNN left this set when its bfloat16 screen was removed (formula first, issue 10): 0.61 without it
+HALF_TARGET = {"Mahalanobis", "RMD", "GMM", "OpenMax"}
 MIN_CALL_S = 0.05
 
 
