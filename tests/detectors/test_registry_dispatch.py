@@ -2,12 +2,9 @@
 NNGuide: tests/detectors/test_knn.py; SHE: test_she.py; DICE: test_dice.py)."""
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import pytest
 import torch
-from scipy.stats import multivariate_normal
 
 from ood_core.api import FeaturesDetector, LogitsDetector
 from ood_core.detectors import (
