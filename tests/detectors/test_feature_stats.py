@@ -21,6 +21,8 @@ from ood_core.api import DetectorError
 from ood_core.constraints import ParameterError
 from ood_core.detectors import GMM, NCI, NECO, RMD, fDBD
 
+from .cases import degenerate_features
+
 
 def _np(x):
     return np.asarray(x, dtype=np.float64)
@@ -215,16 +217,9 @@ def test_far_ood_scores_higher_and_ood_labels_are_ignored(data, name):
 
 
 def _robust_cases():
-    g = torch.Generator().manual_seed(4)
-    y60 = torch.arange(60) % 3
-    partly_constant = torch.randn(60, 16, generator=g)
-    partly_constant[:, :5] = 2.0
+    cases, g = degenerate_features()
     return {
-        "d_gt_n": (torch.randn(20, 64, generator=g), torch.arange(20) % 3),
-        "low_rank": (torch.randn(60, 3, generator=g) @ torch.randn(3, 16, generator=g), y60),
-        "partly_constant": (partly_constant, y60),
-        "constant": (torch.full((60, 16), 1.5), y60),
-        "duplicated": (torch.randn(10, 16, generator=g).repeat(6, 1), y60),
+        **cases,
         "single_sample_class": (torch.randn(31, 16, generator=g), torch.cat([torch.zeros(30), torch.ones(1)]).long()),
     }
 

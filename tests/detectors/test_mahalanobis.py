@@ -8,6 +8,8 @@ from scipy.stats import spearmanr
 
 from ood_core.detectors import Mahalanobis
 
+from .cases import degenerate_features
+
 
 def ref_mahalanobis(z_train, y_train, z_test):
     """min_c (x - mu_c)^T (Sigma + 1e-6 tr(Sigma)/D I)^{-1} (x - mu_c), Sigma the pooled within-class covariance."""
@@ -76,16 +78,9 @@ def test_collapsed_classes_stay_accurate_in_float32():
 
 
 def _robust_cases():
-    g = torch.Generator().manual_seed(4)
-    y60 = torch.arange(60) % 3
-    partly_constant = torch.randn(60, 16, generator=g)
-    partly_constant[:, :5] = 2.0
+    cases, g = degenerate_features()
     return {
-        "d_gt_n": (torch.randn(20, 64, generator=g), torch.arange(20) % 3),
-        "low_rank": (torch.randn(60, 3, generator=g) @ torch.randn(3, 16, generator=g), y60),
-        "partly_constant": (partly_constant, y60),
-        "constant": (torch.full((60, 16), 1.5), y60),
-        "duplicated": (torch.randn(10, 16, generator=g).repeat(6, 1), y60),
+        **cases,
         "single_class": (torch.randn(30, 16, generator=g), torch.zeros(30, dtype=torch.long)),
     }
 

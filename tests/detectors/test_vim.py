@@ -12,6 +12,8 @@ from ood_core.constraints import ParameterError
 from ood_core.detectors import ViM
 from ood_core.detectors.vim import paper_dim
 
+from .cases import degenerate_features
+
 
 def ref_vim(z_train, w, b, d, z_test):
     z_train, z_test = np.asarray(z_train, np.float64), np.asarray(z_test, np.float64)
@@ -108,17 +110,7 @@ def test_search_space_of_a_128_d_backbone_runs():
 
 
 def _robust_cases():
-    g = torch.Generator().manual_seed(4)
-    y60 = torch.arange(60) % 3
-    partly_constant = torch.randn(60, 16, generator=g)
-    partly_constant[:, :5] = 2.0
-    return {
-        "d_gt_n": (torch.randn(20, 64, generator=g), torch.arange(20) % 3),
-        "low_rank": (torch.randn(60, 3, generator=g) @ torch.randn(3, 16, generator=g), y60),
-        "partly_constant": (partly_constant, y60),
-        "constant": (torch.full((60, 16), 1.5), y60),
-        "duplicated": (torch.randn(10, 16, generator=g).repeat(6, 1), y60),
-    }
+    return degenerate_features()[0]
 
 
 @pytest.mark.parametrize("case", list(_robust_cases()))
