@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -117,7 +119,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    """An MLflow tracking server (not waited for: the cluster script waits while its cluster starts)."""
+    """An MLflow tracking server, waited for: the sweep's preflight refuses a server that does not answer yet."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -125,7 +127,18 @@ def mlflow_server(tmp_path):
                              "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                              "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=5):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the MLflow server did not start (exit {proc.poll()})")
+            time.sleep(0.5)
+    yield uri
     proc.terminate()
     proc.wait(30)
 
