@@ -107,6 +107,18 @@ def _checked_init(init):
 
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two hyperparameter values are the same value (tensors and lists compared element-wise)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool((a == b).all())
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared are different
+        return a is b
+
+
 class Detector:
     """Root of the detector API: the declared contract, and the machinery every detector shares.
 
@@ -168,8 +180,39 @@ class Detector:
         return {name: getattr(self, name) for name in self.parameter_constraints if hasattr(self, name)}
 
     def check_data(self, **data: Optional[int]) -> None:
-        """Check the hyperparameters against the data being fitted (``D=``, ``C=``, ``N=``, ``L=``)."""
-        type(self).check_params(self.get_params(), {k: v for k, v in data.items() if v is not None})
+        """Check the hyperparameters against the data being fitted (``D=``, ``C=``, ``N=``, ``L=``); the sizes
+        are kept, so that :meth:`set_params` on the fitted detector checks against them too."""
+        sizes = {**self.__dict__.get("_data_sizes", {}), **{k: v for k, v in data.items() if v is not None}}
+        type(self).check_params(self.get_params(), sizes)
+        self._data_sizes = sizes
+
+    @classmethod
+    def structural(cls, name: str) -> bool:
+        """Whether hyperparameter ``name`` changes the fitted state (undeclared names count as structural)."""
+        decl = cls.parameter_constraints.get(name)
+        return decl is None or decl.structural
+
+    def set_params(self, **params: Any) -> "Detector":
+        """Change hyperparameters, as scikit-learn's ``set_params``; returns ``self``.
+
+        On a fitted detector only hyperparameters declared ``structural=False`` may change: they act when
+        scoring, so the fitted state stays valid (a search reuses one fit for all the values of such a
+        hyperparameter). The values are checked against the declared constraints and the fitted data's sizes.
+        """
+        name = type(self).__name__
+        unknown = [k for k in params if k not in self.parameter_constraints]
+        if unknown:
+            raise TypeError(f"{name}: unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
+                            f"declared: {', '.join(self.parameter_constraints) or '(none)'}")
+        if self.__dict__.get("_fitted"):
+            changed = [k for k, v in params.items() if self.structural(k) and not _same(getattr(self, k, None), v)]
+            if changed:
+                raise ValueError(f"{name}: {', '.join(changed)} changes the fitted state; build and fit a new "
+                                 "detector for it")
+        type(self).check_params({**self.get_params(), **params}, self.__dict__.get("_data_sizes"))
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
 
     @classmethod
     def search_space(cls, data: Optional[Mapping[str, int]] = None) -> Dict[str, Any]:

@@ -105,10 +105,14 @@ def _merge(sets: Iterable[EvalSet]) -> Any:
 
 
 def run_protocol(detector: Detector, sets: Mapping[str, EvalSet], model=None, device=None,
-                 score_roles: Optional[Callable[[str], bool]] = None) -> Dict[str, Scored]:
+                 score_roles: Optional[Callable[[str], bool]] = None, fitted: bool = False) -> Dict[str, Scored]:
     """Fit on the one ``id_train`` set, let a detector with ``uses_validation`` choose on the ``id_val`` set
     and the ``ood_val`` sets merged, then score every other set (those whose role ``score_roles`` accepts,
-    all by default). Returns ``{set label: Scored}``."""
+    all by default). Returns ``{set label: Scored}``.
+
+    ``fitted=True``: the detector is already fitted on this training set (a search reusing one fit across
+    values of hyperparameters declared ``structural=False``, set with ``set_params``); the validation-time
+    choices are made again."""
     by_role: Dict[str, list] = {}
     for label, s in sets.items():
         by_role.setdefault(s.role, []).append(label)
@@ -116,7 +120,8 @@ def run_protocol(detector: Detector, sets: Mapping[str, EvalSet], model=None, de
         raise ValueError(f"the protocol needs exactly one {ID_TRAIN} set, got {by_role.get(ID_TRAIN, [])}")
     if model is not None and detector.representation == "model":
         detector.model = model
-    fit(detector, sets[by_role[ID_TRAIN][0]], model, device)
+    if not fitted:
+        fit(detector, sets[by_role[ID_TRAIN][0]], model, device)
     if detector.uses_validation:
         if not by_role.get(ID_VAL) or not by_role.get(OOD_VAL):
             raise ValueError(f"{type(detector).__name__} chooses on validation data: give {ID_VAL} and {OOD_VAL} sets")

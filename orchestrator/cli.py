@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from orchestrator.errors import one_line, user_error_of
+from orchestrator.errors import UserError, one_line, user_error_of
 
 DESCRIPTION = """\
 ood-sweep: compare out-of-distribution detectors for image classifiers.
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="sweep YAML file")
     s.add_argument("--wait", action="store_true",
                    help="when the same sweep is already running, wait for it to finish instead of exiting")
+    s.add_argument("--json", metavar="PATH",
+                   help="also write the results (rows of the table, selected configurations, metrics) and the "
+                        "seconds per stage to PATH as JSON")
     v = sub.add_parser("validate", help="check a sweep file, its data, storage and tracking store, without running "
                                         "anything")
     v.add_argument("config", help="sweep YAML file")
@@ -76,8 +80,16 @@ def cmd_sweep(args) -> int:
     from orchestrator.sweep import SweepRunner
 
     cfg, text = _load(args.config)
+    if args.json:  # refused now, not after the sweep
+        folder = Path(args.json).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK) or Path(args.json).is_dir():
+            raise UserError(f"--json: cannot write {args.json} (the folder {folder} is missing or not writable, "
+                            "or the path is a folder)")
     runner = SweepRunner(cfg, text)  # storage and tracking store checked (seconds), then planned: before any work
-    runner.run(wait=args.wait)
+    rows = runner.run(wait=args.wait)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sweep": cfg.name, "sweep_seconds": runner.seconds,
+                                               "stages": runner.clock.seconds, "rows": rows}, indent=1, default=str))
     if runner.failures:  # the table above shows them too; a rerun runs those searches again
         for line in runner.failures:
             print(f"failed: {line}", file=sys.stderr)

@@ -192,6 +192,9 @@ class SearchConfig(_Strict):
     max_concurrent_trials: int = Field(2, ge=1, le=10_000)
     #: basic: grids crossed, random domains sampled (Tune's variant generator); optuna: TPE per detector
     algorithm: Literal["basic", "optuna"] = "basic"
+    #: trials score the validation sets only and the selected configuration is scored on the test sets once;
+    #: true: every trial also scores the test sets (for studies of the validation-test gap; slower)
+    score_test_every_trial: bool = False
 
     @property
     def mode(self) -> str:

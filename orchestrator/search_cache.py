@@ -20,10 +20,12 @@ SEARCH_VERSION = 1
 
 
 def search_key(feature_keys: List[str], detector: str, fixed: Dict, space: Dict, num_samples: int, metric: str,
-               seed: int, algorithm: str = "basic") -> str:
-    return content_key({"v": SEARCH_VERSION, "features": sorted(feature_keys), "detector": detector, "fixed": fixed,
-                        "space": space, "num_samples": num_samples, "metric": metric, "seed": seed,
-                        "algorithm": algorithm})
+               seed: int, algorithm: str = "basic", test_every_trial: bool = False) -> str:
+    spec = {"v": SEARCH_VERSION, "features": sorted(feature_keys), "detector": detector, "fixed": fixed,
+            "space": space, "num_samples": num_samples, "metric": metric, "seed": seed, "algorithm": algorithm}
+    if test_every_trial:  # trials' records then hold test metrics too
+        spec["test_every_trial"] = True
+    return content_key(spec)
 
 
 def paths(storage: str, key: str) -> Dict[str, str]:

@@ -91,6 +91,29 @@ def _feature_dict(f) -> Dict:
     return {"key": f.key, "uri": f.uri, "dataset": {**asdict(f.dataset)}}
 
 
+class StageClock:
+    """Wall time per stage of a sweep (train, extract, search, test, report; Ray's start on its own), for the
+    closing line and MLflow: no time is spent outside a named stage."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+        self.current = None
+        self._since = time.perf_counter()
+
+    def start(self, name) -> None:
+        now = time.perf_counter()
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self._since
+        self.current, self._since = name, now
+
+    def stop(self) -> Dict[str, float]:
+        self.start(None)
+        return self.seconds
+
+    def line(self) -> str:
+        return ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items() if s >= 0.05)
+
+
 class SweepRunner:
     def __init__(self, cfg: SweepConfig, config_text: str):
         from orchestrator.preflight import check_environment
@@ -104,6 +127,7 @@ class SweepRunner:
             self.plan = make_plan(self.cfg)
         self.tracking_uri = self.cfg.resolved_tracking_uri()
         self._ray_started = False
+        self.clock = StageClock()
         #: one line per (backbone, detector) search with failed trials (the sweep then exits 1)
         self.failures: List[str] = []
         #: identity of this sweep: an interrupted run of the same config is resumed, not duplicated
@@ -207,6 +231,7 @@ class SweepRunner:
                      for f in bb.features},
             "outliers": [{"dataset": asdict(job)} for job in outlier_jobs(self.cfg)] if spec.needs_outliers else [],
             "batch_size": self.cfg.extract.batch_size,
+            "score_test_every_trial": self.cfg.search.score_test_every_trial,
         }
 
     def search(self, tracker: Tracker, parent: str) -> List[Dict]:
@@ -229,8 +254,8 @@ class SweepRunner:
                 inputs = [f.key for f in bb.features]
                 if spec.needs_outliers:  # the outlier sets it trains on
                     inputs += [content_key(job.spec()) for job in outlier_jobs(cfg)]
-                skey = search_cache.search_key(inputs, spec.name, det.params, space,
-                                               num_samples, metric, cfg.seed, cfg.search.algorithm)
+                skey = search_cache.search_key(inputs, spec.name, det.params, space, num_samples, metric, cfg.seed,
+                                               cfg.search.algorithm, cfg.search.score_test_every_trial)
                 info[key] = (bb, det, space, skey)
                 runs[key], done = tracker.child(parent, f"{det.label} @ {bb.label}",
                                                 {"stage": "detector", "backbone": bb.label, "detector": det.label})
@@ -250,7 +275,10 @@ class SweepRunner:
                 total = sum(e["num_samples"] for e in entries)
             else:
                 total = sum(len(entry_variants(e["search"], e["num_samples"], cfg.seed, e["key"])) for e in entries)
-            _say(f"[search] {len(entries)} searches, {total} trials, selected on val_{metric} ({mode}) only")
+            tested = "every trial scored on test too" if cfg.search.score_test_every_trial else \
+                "the selected ones scored on test once"
+            _say(f"[search] {len(entries)} searches, {total} trials, selected on val_{metric} ({mode}) only; "
+                 f"{tested}")
             self._ray()
             callback = BatchedMLflowCallback(
                 tracking_uri=self.tracking_uri, experiment_name=cfg.name, tags={"stage": "trial", "cached": "false"}, parents=runs,
@@ -265,9 +293,11 @@ class SweepRunner:
                     callbacks=[callback, TrialProgress(bar)], max_failures=cfg.resources.max_retries,
                     algorithm=cfg.search.algorithm,
                 )
+            self.clock.start("test")
             fresh = self._finish_searches(by_key, contexts, info)
         else:
             fresh = {}
+        self.clock.start("report")
         rows: List[Dict] = []
         panels: Dict[str, Dict] = {}
         for key, (bb, det, space, skey) in info.items():
@@ -350,8 +380,10 @@ class SweepRunner:
         is cached as complete; one whose every trial failed gets no selection (``selected`` None)."""
         import ray
 
+        from tqdm import tqdm
+
         from orchestrator.search import select_best
-        from tasks.evaluate import entry_of, final_scores
+        from tasks.evaluate import TEST_ROLES, entry_of, final_scores
 
         cfg = self.cfg
         metric, mode = cfg.search.metric, cfg.search.mode
@@ -370,24 +402,39 @@ class SweepRunner:
             records[key]["selected"] = next(i for i, r in enumerate(ok) if r is best)
             uri = search_cache.paths(cfg.storage, info[key][3])["scores"]
             pending[key] = remote.remote(contexts[key], trials[records[key]["selected"]]["params"], uri)
-        for key, ref in pending.items():
-            try:
-                ray_get([ref])
-            except Exception as exc:  # noqa: BLE001 - the selected configuration failed on a test set
-                reason = _task_failure(exc)
-                selected = records[key]["trials"][records[key]["selected"]]
-                records[key]["failed"].append({"params": selected["params"], "reason": f"test scoring: {reason}",
-                                               "traceback": str(exc)})
-                records[key].update(trials=[], selected=None)
-                continue
-            if not records[key]["failed"]:
-                search_cache.save(cfg.storage, info[key][3], records[key]["trials"], records[key]["selected"])
+        if pending:
+            sets = len([e for e in next(iter(contexts.values()))["sets"].values() if e["role"] in TEST_ROLES])
+            _say(f"[test] scoring the selected configuration of {len(pending)} searches on {sets} test sets")
+        with tqdm(total=len(pending), desc="test", unit="search", file=sys.stdout, disable=not pending) as bar:
+            left = dict(pending)
+            while left:
+                done, _ = ray.wait(list(left.values()), num_returns=1, timeout=POLL_S)
+                raise_if_interrupted()
+                for ref in done:
+                    key = next(k for k, r in left.items() if r == ref)
+                    del left[key]
+                    bar.update(1)
+                    selected = records[key]["trials"][records[key]["selected"]]
+                    try:
+                        selected["metrics"].update(ray.get(ref))
+                    except Exception as exc:  # noqa: BLE001 - the selected configuration failed on a test set
+                        reason = _task_failure(exc)
+                        records[key]["failed"].append({"params": selected["params"],
+                                                       "reason": f"test scoring: {reason}", "traceback": str(exc)})
+                        records[key].update(trials=[], selected=None)
+                        continue
+                    if not records[key]["failed"]:
+                        search_cache.save(cfg.storage, info[key][3], records[key]["trials"],
+                                          records[key]["selected"])
         return records
 
     def _ray(self) -> None:
         if not self._ray_started:
+            stage = self.clock.current
+            self.clock.start("ray start")
             init_ray()
             self._ray_started = True
+            self.clock.start(stage)
 
     @staticmethod
     def _local(uri: str) -> bool:
@@ -433,6 +480,7 @@ class SweepRunner:
     def _run(self) -> List[Dict]:
         cfg = self.cfg
         started = time.perf_counter()
+        self.clock.start("setup")
         tracker = Tracker(self.tracking_uri, cfg.name)
         _say(f"[sweep] {cfg.name}: {len(self.plan.backbones)} backbone(s), {len(cfg.detectors)} detector(s); "
              f"MLflow {self.tracking_uri}, experiment {cfg.name!r}")
@@ -443,11 +491,14 @@ class SweepRunner:
             tracker.log_text(parent, self.config_text, "config/sweep.yaml")
             tracker.log_text(parent, json.dumps(cfg.model_dump(), indent=2), "config/resolved.json")
             tracker.log(parent, params={k: v for k, v in flatten(cfg.model_dump(exclude={"detectors"})).items()})
+            self.clock.start("train")
             self.train(tracker, parent)
             raise_if_interrupted()
+            self.clock.start("extract")
             self.extract()
             raise_if_interrupted()
-            rows = self.search(tracker, parent)
+            self.clock.start("search")
+            rows = self.search(tracker, parent)  # then "test" and "report"
             raise_if_interrupted()
             artifacts.log_layer_analysis(tracker, parent, self.plan)
             frame = report.results_frame(rows)
@@ -466,7 +517,9 @@ class SweepRunner:
                 f"every trial failed; {r['failed']}" if r.get("failed") else
                 f"{report.trials_cell(r)} trials finished; {r['failed_trials'][0]['reason']}")
                 for r in rows if r.get("failed") or r["failed_trials"]]
-            tracker.log(parent, metrics=report.summary_metrics(rows),
+            stages = self.clock.stop()
+            tracker.log(parent, metrics={**report.summary_metrics(rows),
+                                         **{f"seconds/{name.replace(' ', '_')}": s for name, s in stages.items()}},
                         tags={"sweep_seconds": f"{time.perf_counter() - started:.1f}",
                               "optimistic": str(bool(overlap)).lower(),
                               **({"optimistic_sets": ",".join(overlap)} if overlap else {}),
@@ -475,5 +528,6 @@ class SweepRunner:
                               "collapsed_backbones": ",".join(sorted({r["backbone"] for r in rows if r["at_chance"]}))})
         _say("")
         _say(report.format_table(rows, metric_groups=("near", "far"), optimistic=bool(overlap)))
-        _say(f"\n[sweep] done in {time.perf_counter() - started:.1f} s; browse with: python -m orchestrator ui")
+        self.seconds = time.perf_counter() - started
+        _say(f"\n[sweep] done in {self.seconds:.1f} s ({self.clock.line()}); browse with: python -m orchestrator ui")
         return rows

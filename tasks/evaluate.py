@@ -1,14 +1,17 @@
-"""Ray Tune trial: fit a detector on cached ID-train features, score validation and test sets.
+"""Ray Tune trial: fit a detector on cached ID-train features and score the validation sets; the selected
+configuration is then scored on the test sets once (:func:`final_scores`).
 
-The trial sees only cached Parquet features (read once per worker process and kept in an LRU
-cache, so with ``reuse_actors`` the files are read once per search, not once per trial).
-Selection uses the validation metrics only; test metrics are reported alongside so that the
-selected trial's test figures are what the sweep reports.
+The trial sees only cached Parquet features (read once per worker process and kept in an LRU cache, so with
+``reuse_actors`` the files are read once per search, not once per trial). What a searched value does not change
+is fitted once per worker: a fitted detector is kept per (feature files, detector, structural hyperparameters),
+and a trial that changes only hyperparameters declared ``structural=False`` (KNN's k, ODIN's temperature, ...)
+sets them on it instead of fitting again. Selection uses the validation metrics only.
 """
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -73,16 +76,21 @@ def _loader(entry: Dict, fmt: Dict, batch_size: int, device, outliers=()):
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
 
 
-def _eval_sets(context: Dict, det, device) -> Dict:
-    """The sweep's data sets in the form the detector reads: cached Parquet features, or loaders of inputs."""
+def _eval_sets(context: Dict, det, device, roles: Optional[Tuple[str, ...]] = None) -> Dict:
+    """The sweep's data sets in the form the detector reads: cached Parquet features, or loaders of inputs.
+    With ``roles``, only the sets the protocol needs for them (the training set, the validation sets when the
+    detector chooses on them, and those roles) are read."""
     import torch
 
-    from ood_core.evaluation import CACHED, EvalSet
+    from ood_core.evaluation import CACHED, ID_TRAIN, ID_VAL, OOD_VAL, EvalSet
 
     columns = tuple(context["columns"])
+    needed = None if roles is None else {ID_TRAIN, *roles, *((ID_VAL, OOD_VAL) if det.uses_validation else ())}
     out = {}
     for label, entry in context["sets"].items():
         role = entry["role"]
+        if needed is not None and role not in needed:
+            continue
         if det.representation in CACHED:
             fs = _read(entry["uri"], columns)
             out[label] = EvalSet(role, _reps(fs, columns, device), torch.from_numpy(fs.labels).to(device))
@@ -93,30 +101,68 @@ def _eval_sets(context: Dict, det, device) -> Dict:
     return out
 
 
-def score_detector_on_sets(context: Dict, params: Dict) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """Fit the detector with ``params`` and score the sets through the protocol of :mod:`ood_core.evaluation`;
+@functools.lru_cache(maxsize=2)
+def _model(backbone_json: str, num_classes: int, fmt_json: str, device: str):
+    """The backbone in eval mode on ``device``, loaded once per worker (model-in-the-loop detectors)."""
+    import json
+
+    from tasks.runtime import load_backbone
+
+    return load_backbone(json.loads(backbone_json), num_classes, json.loads(fmt_json)).to(device).eval()
+
+
+#: fitted detectors of this worker, most recent last: (fit key, detector); a few, so memory stays bounded
+_FITTED: "collections.OrderedDict[str, object]" = collections.OrderedDict()
+_KEEP_FITTED = 2
+
+
+def _fit_key(context: Dict, spec, params: Dict) -> str:
+    """What a fit depends on: the training inputs, the backbone, the detector and its structural values."""
+    import json
+
+    train = [e.get("uri") or e["dataset"] for e in context["sets"].values() if e["role"] == "id_train"]
+    structural = {k: v for k, v in params.items() if spec.cls.structural(k)}
+    return json.dumps([spec.name, context["backbone"]["key"], train, context.get("outliers", []), structural],
+                      sort_keys=True, default=repr)
+
+
+def score_detector_on_sets(context: Dict, params: Dict, roles: Optional[Tuple[str, ...]] = None
+                           ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Fit the detector with ``params`` (or reuse this worker's fit of the same structural values) and score
+    the sets whose role is in ``roles`` (all by default) through the protocol of :mod:`ood_core.evaluation`;
     return ``(scores by set label, labels by set label)`` (``exit:<label>``: early-exit detectors' exit layers)."""
     import json
 
     from ood_core.detectors.registry import build_detector, detector_params, get_spec
     from ood_core.evaluation import CACHED, run_protocol
-    from tasks.runtime import load_backbone, setup_worker
+    from tasks.runtime import setup_worker
 
     device = setup_worker()
     spec = get_spec(context["detector"])
     params = {**context["fixed"], **params}
     if "norm_std" in detector_params(spec.name) and "norm_std" not in params:
         params["norm_std"] = list(context["format"]["std"])  # gradient steps in pixel units
-    head = None
-    if spec.needs_head:
-        head = _head(json.dumps(context["backbone"], sort_keys=True), context["num_classes"],
-                     json.dumps(context["format"], sort_keys=True))
-        head = tuple(t.to(device) for t in head)
-    det = build_detector(spec.name, params, head=head)
+    key = _fit_key(context, spec, params)
+    det = _FITTED.pop(key, None)
+    reused = det is not None
+    if reused:  # fitted for the same structural values: set the others, keep the fit
+        det.set_params(**{k: v for k, v in params.items() if not spec.cls.structural(k)})
+    else:
+        head = None
+        if spec.needs_head:
+            head = _head(json.dumps(context["backbone"], sort_keys=True), context["num_classes"],
+                         json.dumps(context["format"], sort_keys=True))
+            head = tuple(t.to(device) for t in head)
+        det = build_detector(spec.name, params, head=head)
     model = None
     if det.representation not in CACHED:
-        model = load_backbone(context["backbone"], context["num_classes"], context["format"]).to(device).eval()
-    results = run_protocol(det, _eval_sets(context, det, device), model=model, device=device)
+        model = _model(json.dumps(context["backbone"], sort_keys=True), context["num_classes"],
+                       json.dumps(context["format"], sort_keys=True), str(device))
+    results = run_protocol(det, _eval_sets(context, det, device, roles), model=model, device=device,
+                           score_roles=None if roles is None else roles.__contains__, fitted=reused)
+    _FITTED[key] = det
+    while len(_FITTED) > _KEEP_FITTED:
+        _FITTED.popitem(last=False)
     scores = {label: r.scores for label, r in results.items()}
     labels = {label: r.labels for label, r in results.items()}
     for label, r in results.items():
@@ -125,17 +171,27 @@ def score_detector_on_sets(context: Dict, params: Dict) -> Tuple[Dict[str, np.nd
     return scores, labels
 
 
-def evaluate_scores(context: Dict, scores: Dict[str, np.ndarray]) -> Dict[str, float]:
-    """Validation metrics (ID val vs each OOD val set, averaged) and test metrics per set and group."""
+#: the roles a trial scores (selection needs nothing else) and those the selected configuration is tested on
+VALIDATION_ROLES = ("id_val", "ood_val")
+TEST_ROLES = ("id_test", *GROUPS)
+
+
+def validation_metrics(context: Dict, scores: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """``val_<metric>``: ID val against each OOD val set, averaged over the OOD val sets."""
     from ood_core.metrics import ood_metrics
 
-    sets = context["sets"]
+    val = [ood_metrics(scores["id-val"], scores[l]) for l, e in context["sets"].items() if e["role"] == "ood_val"]
+    return {f"val_{m}": float(np.mean([v[m] for v in val])) for m in val[0]}
+
+
+def test_metrics(context: Dict, scores: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """``test/<set>/<metric>`` (ID test against each OOD test set) and ``<group>/<metric>`` (their mean per
+    group, near and far)."""
+    from ood_core.metrics import ood_metrics
+
     out: Dict[str, float] = {}
-    val = [ood_metrics(scores["id-val"], scores[l]) for l, e in sets.items() if e["role"] == "ood_val"]
-    for m in val[0]:
-        out[f"val_{m}"] = float(np.mean([v[m] for v in val]))
     by_group: Dict[str, List[Dict[str, float]]] = {g: [] for g in GROUPS}
-    for label, entry in sets.items():
+    for label, entry in context["sets"].items():
         if entry["role"] in GROUPS:
             res = ood_metrics(scores["id-test"], scores[label])
             by_group[entry["role"]].append(res)
@@ -198,17 +254,19 @@ def tune_trial(config: Dict, contexts: Dict[str, Dict]) -> None:
 
     key, params = entry_of(config)
     context = contexts[key]
+    every = context.get("score_test_every_trial", False)
     try:
-        scores, _labels = score_detector_on_sets(context, params)
-        metrics = evaluate_scores(context, scores)
+        scores, _labels = score_detector_on_sets(context, params, VALIDATION_ROLES + (TEST_ROLES if every else ()))
+        metrics = {**validation_metrics(context, scores), **(test_metrics(context, scores) if every else {})}
     except Exception as exc:  # noqa: BLE001 - reported, not retried
         tune.report({"trial_error": one_line(exc), "trial_traceback": traceback.format_exc()})
         return
     tune.report(metrics)
 
 
-def final_scores(context: Dict, params: Dict, uri: str) -> str:
-    """Score the selected configuration on ID test and every OOD test set; store them at ``uri``.
+def final_scores(context: Dict, params: Dict, uri: str) -> Dict[str, float]:
+    """Score the selected configuration on ID test and every OOD test set, once; store the scores at ``uri``
+    and return the test metrics (:func:`test_metrics`).
 
     The file is Parquet with columns ``set`` (data set label) and ``score`` (float32); its sha256 is
     recorded in ``<uri>.sha256`` (checked on reuse by :func:`orchestrator.search_cache.load`).
@@ -218,7 +276,7 @@ def final_scores(context: Dict, params: Dict, uri: str) -> str:
 
     from ood_core import storage
 
-    scores, labels = score_detector_on_sets(context, params)
+    scores, labels = score_detector_on_sets(context, params, TEST_ROLES)
     keep = ["id-test"] + [l for l, e in context["sets"].items() if e["role"] in GROUPS]
     columns = {
         "set": pa.array([k for k in keep for _ in range(len(scores[k]))], pa.string()),
@@ -229,7 +287,7 @@ def final_scores(context: Dict, params: Dict, uri: str) -> str:
     table = pa.table(columns)
     with storage.atomic_output(uri, record_hash=True) as f:
         pq.write_table(table, f)
-    return uri
+    return test_metrics(context, scores)
 
 
 def load_exits(uri: str) -> Dict[str, np.ndarray]:

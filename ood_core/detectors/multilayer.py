@@ -293,7 +293,8 @@ class LayerEnergyAggregate(LayerDetector):
 
     :math:`E_l` as in :class:`LayerEnergy`. The signs :math:`\sigma_l` are chosen on validation data
     (:meth:`select_on_validation`: +1 where the layer's AUROC of ID val against OOD val is >= 0.5, else -1),
-    unless ``signs`` fixes them; ``fit`` never chooses them. ``signs_`` holds the signs in use.
+    unless ``signs`` fixes them; ``fit`` never chooses them. ``signs_`` holds the signs chosen on validation
+    (+1 each until then), used when ``signs`` is None.
 
     Paper: Guglielmo & Masana, "Leveraging Intermediate Representations for Better Out-of-Distribution
     Detection", CVWW 2025 (the paper aggregates layers; the formula above is ours: a standardised,
@@ -326,7 +327,7 @@ class LayerEnergyAggregate(LayerDetector):
         e = torch.stack([layer_energy(x).double() for x in cols.values()], dim=1)
         std = e.std(dim=0, unbiased=False)
         self.mean_, self.std_ = e.mean(dim=0), torch.where(std > 0, std, torch.ones_like(std))
-        self.signs_ = [float(s) for s in (self.signs or [1.0] * e.shape[1])]
+        self.signs_ = [1.0] * e.shape[1]
         self._mark_fitted()
         return self
 
@@ -346,5 +347,6 @@ class LayerEnergyAggregate(LayerDetector):
 
     def predict_structured(self, reps) -> Tensor:
         z = self.predict_per_layer(reps)
-        return z @ torch.tensor(self.signs_, dtype=z.dtype, device=z.device) / z.shape[1]
+        signs = [float(s) for s in self.signs] if self.signs is not None else self.signs_
+        return z @ torch.tensor(signs, dtype=z.dtype, device=z.device) / z.shape[1]
 

@@ -291,6 +291,83 @@ def test_default_search_space_fits_the_data(name, sizes):
             cls.check_params({param: value}, sizes)
 
 
+def _sizes(name):
+    return {"D": {"logits": C, "feature_maps": 8}.get(REGISTRY[name].representation, D), "C": C, "N": N,
+            "L": len(EXTRA.get(name, {}).get("layers", [])) or None}
+
+
+def _alternative(name, param):
+    """A valid value of non-structural ``param`` other than the one the suite builds with, or None."""
+    cls = REGISTRY[name].cls
+    decl, sizes = cls.parameter_constraints[param], _sizes(name)
+    current = _build(name).get_params().get(param)
+    candidates = []
+    spec = cls.search_space(sizes).get(param)
+    if isinstance(spec, dict) and next(iter(spec)) in ("grid", "choice"):
+        candidates += list(next(iter(spec.values())))
+    for c in decl.constraints:
+        if isinstance(c, Options):
+            candidates += list(c.values)
+        if type(c).__name__ == "Boolean":
+            candidates += [True, False]
+        if isinstance(c, Interval) and isinstance(current, (int, float)) and not isinstance(current, bool):
+            candidates += [current + 1, current * 2, current / 2] if c.type is float else [current + 1, current - 1]
+        if type(c).__name__ == "ListOf" and isinstance(current, (list, tuple)) and current and \
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in current):
+            candidates.append([v * 0.5 + i for i, v in enumerate(current)])
+    if current is None:  # "not set": try plain values, and lists of them one per layer
+        length = sizes["L"] or 2
+        candidates += [1.0, 0.5, 1, [0.5 + i for i in range(length)], [(-1) ** i for i in range(length)]]
+    for value in candidates:
+        if value != current and value is not None and decl.problem(value, sizes) is None:
+            return value
+    return None
+
+
+NON_STRUCTURAL = [(n, p) for n in NAMES for p, d in REGISTRY[n].cls.parameter_constraints.items()
+                  if not d.structural and p not in ("micro_batch_size",)]
+
+
+@pytest.mark.parametrize("name,param", NON_STRUCTURAL)
+def test_non_structural_hyperparameters_need_no_refit(name, param):
+    """What a search relies on to fit once per structural configuration: ``set_params`` of a hyperparameter
+    declared ``structural=False`` on a fitted detector scores as a detector built and fitted with that value."""
+    value = _alternative(name, param)
+    if value is None:
+        pytest.skip(f"no second valid value of {param} on the suite's data")
+    reused = _build(name)
+    _fit(reused, name)
+    reused.set_params(**{param: value})
+    fresh = _build(name, **{param: value})
+    _fit(fresh, name)
+    torch.testing.assert_close(_predict(reused, name, _inputs(name)), _predict(fresh, name, _inputs(name)),
+                               rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}.{param}={value!r}: {m}")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if any(d.structural for d in
+                                                          REGISTRY[n].cls.parameter_constraints.values())])
+def test_structural_hyperparameters_cannot_change_after_fit(name, fitted):
+    det = _build(name)
+    _fit(det, name)
+    for param, decl in REGISTRY[name].cls.parameter_constraints.items():
+        value = _alternative_structural(name, param) if decl.structural else None
+        if value is not None:
+            with pytest.raises(ValueError, match=f"{name}: {param} changes the fitted state"):
+                det.set_params(**{param: value})
+            return
+    pytest.skip("no second valid value of a structural hyperparameter")
+
+
+def _alternative_structural(name, param):
+    decl = REGISTRY[name].cls.parameter_constraints[param]
+    current = _build(name).get_params().get(param)
+    for value in ([current + 1] if isinstance(current, int) and not isinstance(current, bool) else []) + \
+            ([current * 2] if isinstance(current, float) else []):
+        if decl.problem(value, _sizes(name)) is None:
+            return value
+    return None
+
+
 def _protocol_on_inputs(name):
     """Model-in-the-loop and feature-map detectors: the protocol on loaders of images equals fit + predict."""
     net = _net()

@@ -1,0 +1,70 @@
+"""What a search computes: trials score the validation sets only, a fit is reused across the values of
+hyperparameters declared ``structural=False``, and the selected configuration is scored on the test sets once
+(or, opted in, every trial on the test sets too)."""
+import json
+from pathlib import Path
+
+from sweep_runs import results_of, run_counts_of, run_sweep, write_config
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_fits_are_reused_across_non_structural_values(tmp_path, clean_sweep, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    log = tmp_path / "fits.log"
+    cfg = write_config(tmp_path, name="reuse", storage=str(clean_sweep["storage"]), detectors=[
+        {"type": "failing_detector:CountingFits", "name": "Counting", "params": {"log": str(log)},
+         "search": {"scale": {"grid": [1.0, 2.0]}, "offset": {"grid": [0.0, 1.0, 2.0, 3.0]}}},
+    ])
+    code, out, _ = run_sweep(cfg)
+    assert code == 0, out[-3000:]
+    assert "1 searches, 8 trials" in out and "[test] scoring the selected configuration of 1 searches" in out
+    fits = log.read_text().splitlines()
+    # 8 trials and the test scoring: without reuse 9 fits; with it, one per (worker process, scale) in the
+    # search (2 trial workers at most) and one for the test scoring
+    assert len(fits) == len(set(fits)), fits  # no process fitted the same scale twice
+    assert len(fits) <= 2 * 2 + 1, fits
+    counts, runs = run_counts_of(cfg)
+    trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
+    assert len(trials) == 8 and all(r.info.status == "FINISHED" for r in trials)
+
+
+def test_trials_score_validation_and_the_selected_configuration_is_tested_once(tmp_path, clean_sweep):
+    """The clean study: trial runs hold validation metrics only, the detector run the test metrics of the
+    selected trial; opting in to test scoring of every trial selects the same and reports the same."""
+    counts, runs = run_counts_of(clean_sweep["config"])
+    trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
+    assert trials and all(any(k.startswith("val_") for k in r.data.metrics) and
+                          not any(k.startswith(("test/", "near/", "far/")) for k in r.data.metrics) for r in trials)
+    detectors = [r for r in runs if r.data.tags.get("stage") == "detector"]
+    assert detectors and all("near/auroc" in r.data.metrics and "test/photos/auroc" in r.data.metrics
+                             for r in detectors)
+    sweep = next(r for r in runs if r.data.tags.get("stage") == "sweep")
+    assert {"seconds/train", "seconds/search", "seconds/test", "seconds/report"} <= set(sweep.data.metrics)
+
+    every = write_config(tmp_path, name="every", storage=str(clean_sweep["storage"]),
+                         search={"score_test_every_trial": True})
+    out_json = tmp_path / "results.json"
+    code, out, _ = run_sweep_json(every, out_json)
+    assert code == 0, out[-3000:]
+    assert "every trial scored on test too" in out
+    assert results_of(every) == clean_sweep["results"]
+    counts, runs = run_counts_of(every)
+    trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
+    assert trials and all("near/auroc" in r.data.metrics for r in trials)
+    written = json.loads(out_json.read_text())
+    assert {"train", "extract", "search", "test", "report"} <= set(written["stages"])
+    assert abs(sum(written["stages"].values()) - written["sweep_seconds"]) < 1.0
+    assert [r["detector"] for r in written["rows"]] == ["MaxSoftmax", "KNN", "Mahalanobis"]
+
+
+def run_sweep_json(cfg, out_json):
+    """The sweep CLI with ``--json``."""
+    import subprocess
+    import sys
+
+    from sweep_runs import sweep_env
+
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(cfg), "--json", str(out_json)],
+                          cwd=cfg.parent, env=sweep_env(), capture_output=True, text=True, timeout=400)
+    return proc.returncode, proc.stdout + proc.stderr, False
