@@ -181,13 +181,13 @@ def sweep_space(entries: List[Dict[str, Any]], seed: int) -> Dict[str, Any]:
 
     ``entries``: dicts with ``key`` (unique), ``search`` (our spec format), ``num_samples`` and
     optional ``tags``. Each of an entry's points (:func:`entry_variants`) becomes one grid value
-    ``{"key", "params", "tags"}``. One Tuner for the whole sweep pays Tune's start-up and actor cost
+    ``{"key", "params", "tags", "index"}`` (``index``: its position among the entry's points). One Tuner for the whole sweep pays Tune's start-up and actor cost
     once, and ``reuse_actors`` keeps the cached features of a worker across detectors.
     """
     points = []
     for e in entries:
-        for params in entry_variants(e["search"], e["num_samples"], seed, e["key"]):
-            points.append({"key": e["key"], "params": params, "tags": e.get("tags", {})})
+        for index, params in enumerate(entry_variants(e["search"], e["num_samples"], seed, e["key"])):
+            points.append({"key": e["key"], "params": params, "tags": e.get("tags", {}), "index": index})
     return {"entry": tune.grid_search(points)}
 
 

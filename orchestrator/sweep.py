@@ -270,6 +270,9 @@ class SweepRunner:
                                 "tags": {"backbone": bb.label, "detector": det.label}})
         if cached:
             _say(f"[search] reusing {len(cached)} of {len(info)} cached searches")
+        # searches that run the network in their trials first: their test scoring, done by their last trial,
+        # then overlaps the other searches instead of ending the stage (the table keeps the sweep's order)
+        entries.sort(key=lambda e: get_spec(info[e["key"]][1].type).representation not in ("model", "feature_maps"))
         if entries:
             if cfg.search.algorithm == "optuna":
                 total = sum(e["num_samples"] for e in entries)
@@ -280,6 +283,8 @@ class SweepRunner:
             _say(f"[search] {len(entries)} searches, {total} trials, selected on val_{metric} ({mode}) only; "
                  f"{tested}")
             self._ray()
+            if cfg.search.algorithm == "basic":  # the last trial of each search tests its selection at once
+                self._attach_ledger(entries, contexts, info)
             callback = BatchedMLflowCallback(
                 tracking_uri=self.tracking_uri, experiment_name=cfg.name, tags={"stage": "trial", "cached": "false"}, parents=runs,
                 metric_filter=_is_metric,
@@ -374,6 +379,19 @@ class SweepRunner:
             artifacts.log_exit_figures(tracker, run_id, det.label, det.params.get("layers", []),
                                        search_cache.paths(self.cfg.storage, skey)["scores"])
 
+    def _attach_ledger(self, entries, contexts, info) -> None:
+        """A :class:`tasks.selection.SelectionLedger` for this search stage, known to every trial."""
+        import ray
+
+        from orchestrator.search import entry_variants
+        from tasks.selection import SelectionLedger
+
+        cfg = self.cfg
+        expected = {e["key"]: len(entry_variants(e["search"], e["num_samples"], cfg.seed, e["key"])) for e in entries}
+        ledger = ray.remote(SelectionLedger).options(num_cpus=0).remote(expected, cfg.search.metric, cfg.search.mode)
+        for key, context in contexts.items():
+            context.update(ledger=ledger, scores_uri=search_cache.paths(cfg.storage, info[key][3])["scores"])
+
     def _finish_searches(self, by_key, contexts, info) -> Dict[str, Dict]:
         """Per search: its trials that reported metrics, those that failed (parameters, one-line reason,
         traceback), the one selected on validation and its test scores. Only a search without failed trials
@@ -389,7 +407,9 @@ class SweepRunner:
         metric, mode = cfg.search.metric, cfg.search.mode
         remote = ray.remote(final_scores).options(num_cpus=1, num_gpus=cfg.resources.gpus_per_trial,
                                                   max_retries=cfg.resources.max_retries)
-        records, pending = {}, {}
+        ledger = next((c["ledger"] for c in contexts.values() if c.get("ledger") is not None), None)
+        tested = ray.get(ledger.results.remote()) if ledger is not None else {}
+        records, pending, during = {}, {}, 0
         for key, results in by_key.items():
             ok = [r for r in results if r.error is None and f"val_{metric}" in r.metrics]
             trials = [{"params": entry_of(r.config)[1],
@@ -400,8 +420,22 @@ class SweepRunner:
                 continue
             best = select_best(ok, metric, mode)
             records[key]["selected"] = next(i for i, r in enumerate(ok) if r is best)
+            selected = trials[records[key]["selected"]]
+            done = tested.get(key)
+            if done is not None and done["index"] == best.config["entry"].get("index"):  # tested in the search
+                during += 1
+                if "metrics" in done:
+                    selected["metrics"].update(done["metrics"])
+                else:
+                    self._test_failed(records[key], selected, done["error"], done.get("traceback", ""))
+                if not records[key]["failed"]:
+                    search_cache.save(cfg.storage, info[key][3], trials, records[key]["selected"])
+                continue
             uri = search_cache.paths(cfg.storage, info[key][3])["scores"]
-            pending[key] = remote.remote(contexts[key], trials[records[key]["selected"]]["params"], uri)
+            pending[key] = remote.remote(contexts[key], selected["params"], uri)
+        if during:
+            _say(f"[test] {during} of {during + len(pending)} selected configurations scored on the test sets by "
+                 "the last trial of their search")
         if pending:
             sets = len([e for e in next(iter(contexts.values()))["sets"].values() if e["role"] in TEST_ROLES])
             _say(f"[test] scoring the selected configuration of {len(pending)} searches on {sets} test sets")
@@ -418,15 +452,19 @@ class SweepRunner:
                     try:
                         selected["metrics"].update(ray.get(ref))
                     except Exception as exc:  # noqa: BLE001 - the selected configuration failed on a test set
-                        reason = _task_failure(exc)
-                        records[key]["failed"].append({"params": selected["params"],
-                                                       "reason": f"test scoring: {reason}", "traceback": str(exc)})
-                        records[key].update(trials=[], selected=None)
+                        self._test_failed(records[key], selected, _task_failure(exc), str(exc))
                         continue
                     if not records[key]["failed"]:
                         search_cache.save(cfg.storage, info[key][3], records[key]["trials"],
                                           records[key]["selected"])
         return records
+
+    @staticmethod
+    def _test_failed(record: Dict, selected: Dict, reason: str, traceback: str) -> None:
+        """The selected configuration failed on a test set: the search has no result (a FAILED row)."""
+        record["failed"].append({"params": selected["params"], "reason": f"test scoring: {reason}",
+                                 "traceback": traceback})
+        record.update(trials=[], selected=None)
 
     def _ray(self) -> None:
         if not self._ray_started:

@@ -259,9 +259,31 @@ def tune_trial(config: Dict, contexts: Dict[str, Dict]) -> None:
         scores, _labels = score_detector_on_sets(context, params, VALIDATION_ROLES + (TEST_ROLES if every else ()))
         metrics = {**validation_metrics(context, scores), **(test_metrics(context, scores) if every else {})}
     except Exception as exc:  # noqa: BLE001 - reported, not retried
+        _complete_search(context, key, config["entry"].get("index"), params, None)
         tune.report({"trial_error": one_line(exc), "trial_traceback": traceback.format_exc()})
         return
+    _complete_search(context, key, config["entry"].get("index"), params, metrics)
     tune.report(metrics)
+
+
+def _complete_search(context: Dict, key: str, index: Optional[int], params: Dict, metrics: Optional[Dict]) -> None:
+    """Tell the search's ledger (:mod:`tasks.selection`) this trial's result; the trial that completes the
+    search scores the selected configuration on the test sets, here, in this warm worker."""
+    import traceback
+
+    import ray
+
+    ledger = context.get("ledger")
+    if ledger is None or index is None:
+        return
+    claim = ray.get(ledger.record.remote(key, index, params, metrics))
+    if claim is None:
+        return
+    try:
+        result = {"metrics": final_scores(context, claim["params"], context["scores_uri"])}
+    except Exception as exc:  # noqa: BLE001 - the sweep records it as the search's test failure
+        result = {"error": one_line(exc), "traceback": traceback.format_exc()}
+    ray.get(ledger.finish.remote(key, result))
 
 
 def final_scores(context: Dict, params: Dict, uri: str) -> Dict[str, float]:
