@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from ood_core.datasets import arrays, folders
@@ -50,9 +51,28 @@ from ood_core.datasets.sklearn_sets import photo_tiles as _photo_tiles  # noqa: 
 
 __all__ = ["InputFormat", "DatasetEntry", "DATASETS", "DataMissingError", "register", "load_dataset",
            "check_available", "num_classes", "dataset_fingerprint", "to_format", "resize", "to_gray",
-           "data_root", "SPLITS", "ArrayImageDataset", "FileImageDataset"]
+           "data_root", "SPLITS", "ArrayImageDataset", "FileImageDataset", "AsOutliers"]
 
 DATASETS: Dict[str, DatasetEntry] = {}
+
+
+class AsOutliers(Dataset):
+    """``data`` with every label read as -1: OOD samples in a loader (pytorch-ood's convention), e.g. auxiliary
+    outliers after the ID training data, or OOD validation data after the ID validation data."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i][0], torch.tensor(-1)
+
+    def __getitems__(self, positions):
+        items = self.data.__getitems__(positions) if hasattr(self.data, "__getitems__") else \
+            [self.data[i] for i in positions]
+        return [(x, torch.tensor(-1)) for x, _ in items]
 
 
 def register(entry: DatasetEntry) -> DatasetEntry:

@@ -51,28 +51,15 @@ def _dataset(entry: Dict, fmt: Dict):
     return load_dataset(ds["dataset"], split=ds["split"], fmt=input_format(fmt), seed=ds["seed"], **ds["params"])
 
 
-class _Outliers:
-    """A data set whose labels all read -1: auxiliary outliers in a training loader (pytorch-ood's convention)."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        import torch
-
-        return self.data[i][0], torch.tensor(-1)
-
-
 def _loader(entry: Dict, fmt: Dict, batch_size: int, device, outliers=()):
     """Loader over one data set; with ``outliers`` (entries), those follow it with label -1."""
     import torch
 
+    from ood_core.data import AsOutliers
+
     data = _dataset(entry, fmt)
     if outliers:
-        data = torch.utils.data.ConcatDataset([data, *(_Outliers(_dataset(o, fmt)) for o in outliers)])
+        data = torch.utils.data.ConcatDataset([data, *(AsOutliers(_dataset(o, fmt)) for o in outliers)])
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
 
 
