@@ -1,4 +1,5 @@
-"""The detector API, after pytorch-ood (``../shared/seeds/004_*``).
+"""The detector API, after pytorch-ood (Kirchheim, Filax & Ortmeier, "PyTorch-OOD: A Library for Out-of-Distribution
+Detection based on PyTorch", CVPR Workshops 2022).
 
 Every detector scores samples so that **higher = more OOD**. A detector owns optional
 state (class means, covariances, principal subspaces...) that is fitted on ID training

@@ -357,7 +357,7 @@ def select_layers(model: nn.Module, *, preset: Optional[str] = None, types: Opti
                   pattern: Optional[str] = None, example_input: Optional[Tensor] = None) -> List[str]:
     """Module names chosen by a preset, by module type names, or by a glob pattern, in network order.
 
-    * ``preset="all"``: every Conv2d / BatchNorm2d / Linear layer (the layers of ``000_*``);
+    * ``preset="all"``: every Conv2d / BatchNorm2d / Linear layer (the layers Guglielmo & Masana, CVWW 2025, analyse);
     * ``preset="blocks"``: the model's main stages (``model.stages`` when it declares them, else the
       top-level children that contain a convolution);
     * ``preset="penultimate"``: the module whose output the classifier head reads (``model.stages[-1]``);

@@ -1,4 +1,5 @@
-"""Per-layer OOD analysis of intermediate representations (Guglielmo & Masana, CVWW 2025, ``000_*``).
+"""Per-layer OOD analysis of intermediate representations (Guglielmo & Masana, "Leveraging
+Intermediate Representations for Better Out-of-Distribution Detection", CVWW 2025).
 
 Every hooked layer ``l`` gives a per-sample energy :math:`E_l(x) = -\\log\\sum_j e^{a_j(x)}` over its
 flattened raw output (the ``energy`` reduction of :mod:`ood_core.hooks`); the final layer's energy is

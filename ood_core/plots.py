@@ -16,8 +16,8 @@ from sklearn.metrics import roc_curve
 
 from .metrics import as_numpy, auroc
 
-__all__ = ["roc_figure", "score_histogram_figure", "per_layer_auroc_figure", "roc_grid_figure",
-           "detector_comparison_figure", "exit_layer_figure"]
+__all__ = ["roc_figure", "score_histogram_figure", "per_layer_auroc_figure", "beats_final_layer", "roc_grid_figure",
+           "detector_comparison_figure", "exit_layer_figure", "ID_COLOUR", "OOD_COLOURS"]
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -43,50 +43,99 @@ def roc_figure(id_scores, ood_scores: Mapping[str, object], title: str = "ROC") 
     return fig
 
 
-def score_histogram_figure(id_scores, ood_scores: Mapping[str, object], title: str = "Scores",
-                           bins: int = 60) -> Figure:
-    """Density histograms of the ID scores and of each OOD set on shared bins; AUROC in the legend."""
-    s_id = as_numpy(id_scores).reshape(-1)
-    all_s = [s_id] + [as_numpy(s).reshape(-1) for s in ood_scores.values()]
-    lo = min(float(a.min()) for a in all_s if a.size)
-    hi = max(float(a.max()) for a in all_s if a.size)
+#: ID is always drawn in this colour; OOD sets in the others, in order (never ID's)
+ID_COLOUR = "tab:blue"
+OOD_COLOURS = ("tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+               "tab:green", "tab:gray")
+
+
+def _central_range(*arrays: np.ndarray, tail: float = 0.5) -> tuple:
+    """The range holding the central ``100 - 2 * tail`` percent of each array (the union over arrays)."""
+    lo = min(float(np.percentile(a, tail)) for a in arrays if a.size)
+    hi = max(float(np.percentile(a, 100 - tail)) for a in arrays if a.size)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, bins + 1)
-    fig = _figure(6.0, 4.0)
-    ax = fig.add_subplot()
-    ax.hist(s_id, bins=edges, density=True, alpha=0.55, color="tab:blue", label=f"ID (n={s_id.size})")
-    for name, s in ood_scores.items():
-        s_ood = as_numpy(s).reshape(-1)
-        ax.hist(s_ood, bins=edges, density=True, alpha=0.45, histtype="stepfilled",
-                label=f"{name} (AUROC {auroc(s_id, s_ood):.3f})")
-    ax.set(xlabel="score (higher = more OOD)", ylabel="density", title=title)
-    ax.legend(fontsize="small")
+    return lo, hi
+
+
+def _density(ax, values: np.ndarray, edges: np.ndarray, colour: str, label: str, alpha: float) -> int:
+    """Histogram of ``values`` inside ``edges`` as a density of the whole set (the mass shown is the fraction
+    of the set inside the range); returns how many fall outside."""
+    inside = values[(values >= edges[0]) & (values <= edges[-1])]
+    width = edges[1] - edges[0]
+    outside = values.size - inside.size
+    if outside:
+        label = f"{label}, {outside} outside"
+    ax.hist(inside, bins=edges, weights=np.full(inside.size, 1.0 / (max(values.size, 1) * width)),
+            color=colour, alpha=alpha, histtype="stepfilled", edgecolor=colour, label=label)
+    return outside
+
+
+def score_histogram_figure(id_scores, ood_scores: Mapping[str, object], title: str = "Scores",
+                           bins: int = 50) -> Figure:
+    """One panel per OOD set: the ID scores (always blue) against that set (a colour of its own), each panel on
+    the range holding the central 99% of both (0.5th to 99.5th percentile; the legend counts the samples outside
+    that range).
+    A set whose scores lie orders of magnitude away (noise under Mahalanobis) then does not squeeze ID and the
+    near-OOD set into one bar. AUROC of ID against the set in its legend."""
+    s_id = as_numpy(id_scores).reshape(-1).astype(np.float64)
+    names = list(ood_scores)
+    cols = min(3, max(1, len(names)))
+    rows = (len(names) + cols - 1) // cols
+    fig = _figure(4.3 * cols, 3.3 * rows + 0.5)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for i, (ax, name) in enumerate(zip(axes, names)):
+        s_ood = as_numpy(ood_scores[name]).reshape(-1).astype(np.float64)
+        lo, hi = _central_range(s_id, s_ood)
+        edges = np.linspace(lo, hi, bins + 1)
+        colour = OOD_COLOURS[i % len(OOD_COLOURS)]
+        _density(ax, s_id, edges, ID_COLOUR, f"ID (n={s_id.size})", 0.5)
+        _density(ax, s_ood, edges, colour, f"{name} (n={s_ood.size}, AUROC {auroc(s_id, s_ood):.3f})", 0.45)
+        ax.set(xlim=(lo, hi), xlabel="score (higher = more OOD)", ylabel="density", title=f"ID vs {name}")
+        ax.legend(fontsize="x-small")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
     return fig
 
 
 def per_layer_auroc_figure(layer_names: Sequence[str], aurocs: Sequence[float], final_auroc: Optional[float],
                            title: str = "AUROC per layer") -> Figure:
-    """Bar chart of one AUROC per layer in network order (LIR, Guglielmo & Masana 2025, Fig. 2 style).
+    """Bar chart of one AUROC per layer in network order (Guglielmo & Masana, CVWW 2025, Fig. 2 style).
 
-    The final layer's AUROC is drawn as a dotted line; bars that beat it are green, the others grey.
+    The axis is fixed at [0, 1] with the chance line at 0.5 and each bar's value written on it; the final
+    layer's AUROC is a dotted line. A bar is green when the layer is better than the final layer *and* better
+    than chance (:func:`beats_final_layer`), grey otherwise; bars have an outline, so an AUROC of 0 shows.
     """
     names = list(layer_names)
     vals = np.asarray(list(aurocs), dtype=float)
     if len(names) != vals.size:
         raise ValueError(f"{len(names)} layer names but {vals.size} AUROC values")
-    better = vals > final_auroc if final_auroc is not None else np.zeros(vals.size, bool)
-    fig = _figure(max(6.0, 0.28 * len(names) + 1.5), 4.5)
+    better = np.array([beats_final_layer(v, final_auroc) for v in vals], dtype=bool)
+    fig = _figure(max(6.0, 0.32 * len(names) + 1.5), 4.5)
     ax = fig.add_subplot()
     x = np.arange(len(names))
-    ax.bar(x, vals, color=np.where(better, "tab:green", "tab:grey"), width=0.8)
+    bars = ax.bar(x, vals, color=np.where(better, "tab:green", "tab:grey"), width=0.8, edgecolor="black",
+                  linewidth=0.6)
+    ax.bar_label(bars, fmt="%.2f", fontsize=6 if len(names) > 20 else 8, rotation=90 if len(names) > 12 else 0,
+                 padding=2)
+    ax.axhline(0.5, ls="--", color="tab:red", lw=1, label="chance (0.5)")
     if final_auroc is not None:
         ax.axhline(final_auroc, ls=":", color="black", lw=1.5, label=f"final layer ({final_auroc:.3f})")
-        ax.legend(loc="lower right", fontsize="small")
+    from matplotlib.patches import Patch
+
+    handles = ax.get_legend_handles_labels()[0] + [Patch(color="tab:green", label="better than the final layer "
+                                                                                    "and than chance")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize="x-small")  # covers no bar
     ax.set_xticks(x, names, rotation=90, fontsize=7 if len(names) > 30 else 9)
-    lo = float(np.nanmin(np.r_[vals, final_auroc if final_auroc is not None else np.nan])) if vals.size else 0.0
-    ax.set(ylim=(max(0.0, min(0.5, lo - 0.05)), 1.0), ylabel="AUROC", title=title, xlim=(-0.6, len(names) - 0.4))
+    ax.set(ylim=(0.0, 1.05), ylabel="AUROC", title=title, xlim=(-0.6, len(names) - 0.4))
     return fig
+
+
+def beats_final_layer(value: float, final: Optional[float]) -> bool:
+    """Whether a layer's AUROC is better than the final layer's and better than chance (0.5): a layer at 0.08
+    against a final layer at 0.01 is not better, both are worse than a coin."""
+    return final is not None and bool(value > final) and bool(value > 0.5)
 
 
 def roc_grid_figure(panels: Mapping[str, tuple], title: str = "ROC curves") -> Figure:
@@ -112,29 +161,54 @@ def roc_grid_figure(panels: Mapping[str, tuple], title: str = "ROC curves") -> F
     return fig
 
 
+def _representation(detector_type: Optional[str]) -> str:
+    from .detectors.registry import get_spec
+
+    try:
+        return get_spec(detector_type).representation if detector_type else "other"
+    except Exception:  # noqa: BLE001 - a detector of the user's own that is not importable here
+        return "other"
+
+
 def detector_comparison_figure(rows: Sequence[Mapping], groups: Sequence[str] = ("near", "far"),
                                metric: str = "auroc") -> Figure:
-    """Grouped bars: per detector (rows ``{"detector", "<group>/<metric>"}``; several seeds are
-    averaged, their spread drawn as error bars) the test metric of each OOD group."""
+    """Horizontal grouped bars, one row per detector (rows ``{"detector", "type", "<group>/<metric>"}``), grouped
+    by the representation it reads and sorted within a group from best to worst (mean over the OOD groups);
+    several seeds are averaged and their spread drawn as error bars (none with one seed). The chance line is at
+    0.5 for AUROC. The figure grows with the number of detectors, so it stays readable at 40 and more."""
     by_det: dict = {}
+    kind: dict = {}
     for row in rows:
+        kind.setdefault(row["detector"], _representation(row.get("type")))
         for g in groups:
             v = row.get(f"{g}/{metric}")
             if v is not None:
                 by_det.setdefault(row["detector"], {}).setdefault(g, []).append(float(v))
-    names = list(by_det)
-    fig = _figure(max(6.0, 0.55 * len(names) + 2.0), 4.5)
+    sign = 1.0 if metric != "fpr95" else -1.0
+    order = ("logits", "features", "layers", "feature_maps", "model", "other")
+
+    def rank(name):
+        means = [np.mean(v) for v in by_det[name].values()]
+        rep = kind[name]
+        return (order.index(rep) if rep in order else len(order), -sign * float(np.mean(means)), name)
+
+    names = sorted(by_det, key=rank)
+    fig = _figure(7.5, max(3.0, 0.34 * len(names) * max(1, len(groups)) / 2 + 1.6))
     ax = fig.add_subplot()
-    x = np.arange(len(names))
-    width = 0.8 / max(1, len(groups))
+    y = np.arange(len(names))[::-1]  # the first on top
+    height = 0.8 / max(1, len(groups))
     for i, g in enumerate(groups):
         vals = [by_det[n].get(g, [np.nan]) for n in names]
-        ax.bar(x + (i - (len(groups) - 1) / 2) * width, [np.mean(v) for v in vals], width,
-               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals], label=f"{g} OOD", capsize=2)
-    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
-    ax.set(ylabel=f"test {metric.upper()}", title=f"Selected detectors: test {metric.upper()} per OOD group",
-           ylim=(0.0, 1.0) if metric != "fpr95" else None)
-    ax.legend(fontsize="small")
+        spread = [np.std(v, ddof=1) if len(v) > 1 else np.nan for v in vals]
+        errors = spread if any(np.isfinite(spread)) else None
+        ax.barh(y - (i - (len(groups) - 1) / 2) * height, [np.mean(v) for v in vals], height,
+                xerr=errors, label=f"{g} OOD", capsize=2, color=OOD_COLOURS[i % len(OOD_COLOURS)])
+    ax.set_yticks(y, [f"{n}  [{kind[n]}]" for n in names], fontsize=8)
+    if metric == "auroc":
+        ax.axvline(0.5, ls="--", color="black", lw=1, label="chance (0.5)")
+    ax.set(xlabel=f"test {metric.upper()}", xlim=(0.0, 1.0) if metric != "fpr95" else None,
+           title=f"Selected detectors: test {metric.upper()} per OOD group")
+    fig.legend(loc="outside lower center", ncols=len(groups) + 1, fontsize="small")
     return fig
 
 

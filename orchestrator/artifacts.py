@@ -43,10 +43,10 @@ def log_roc_grids(tracker: Tracker, parent: str, panels: Dict[str, Dict]) -> Non
 
 
 def log_layer_analysis(tracker: Tracker, parent: str, plan) -> None:
-    """Per-layer energy AUROC (``000_*``) of every backbone with ``*.energy`` columns: table + bar charts."""
+    """Per-layer energy AUROC (Guglielmo & Masana, CVWW 2025) of every backbone with ``*.energy`` columns: table + bar charts."""
     import pandas as pd
 
-    from ood_core.plots import per_layer_auroc_figure
+    from ood_core.plots import beats_final_layer, per_layer_auroc_figure
     from tasks.analysis import per_layer_analysis
 
     for bb in plan.backbones:
@@ -62,6 +62,7 @@ def log_layer_analysis(tracker: Tracker, parent: str, plan) -> None:
             fig = per_layer_auroc_figure([r["layer"] for r in rows[:-1]], [r[key] for r in rows[:-1]], final[key],
                                          f"{bb.label} vs {ood}: energy AUROC per layer")
             tracker.log_figure(parent, fig, f"per_layer/{bb.label}_{ood}.png")
-        better = [r["layer"] for r in rows[:-1] if any(r[k] > final[k] for k in r if k.startswith("auroc/"))]
-        print(f"[layers] {bb.label}: {len(rows) - 1} layers analysed; beating the final layer on some OOD set: "
-              f"{', '.join(better) or 'none'}", flush=True)
+        better = [r["layer"] for r in rows[:-1]
+                  if any(beats_final_layer(r[k], final[k]) for k in r if k.startswith("auroc/"))]
+        print(f"[layers] {bb.label}: {len(rows) - 1} layers analysed; better than the final layer and than chance "
+              f"on some OOD set: {', '.join(better) or 'none'}", flush=True)

@@ -7,7 +7,8 @@ from typing import Dict, Iterable, List, Sequence
 import pandas as pd
 
 
-def _fmt_params(selected: Dict) -> str:
+def format_params(selected: Dict) -> str:
+    """Hyperparameters as the table writes them: ``k=50, t=0.5`` (``-`` for none)."""
     if not selected:
         return "-"
     def show(v):
@@ -55,7 +56,7 @@ def problems(rows: Sequence[Dict]) -> List[str]:
             out.append(f"{where}: FAILED, no trial finished ({len(failed)} tried); {row['failed']}")
         elif failed:
             first = failed[0]
-            out.append(f"{where}: {trials_cell(row)} trials; {_fmt_params(first['params'])}: {first['reason']}")
+            out.append(f"{where}: {trials_cell(row)} trials; {format_params(first['params'])}: {first['reason']}")
         if row.get("constant_scores"):
             out.append(f"{where}: constant scores (it ranks nothing: AUROC 50, FPR95 100)")
     seen = set()
@@ -127,7 +128,7 @@ def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "
         headers += [f"{g} AUROC", f"{g} FPR95"]
     body: List[List[str]] = []
     for row in rows:
-        selected = "FAILED" if row.get("failed") else _fmt_params(row.get("selected", {}))
+        selected = "FAILED" if row.get("failed") else format_params(row.get("selected", {}))
         line = [row["backbone"], row["detector"], selected, trials_cell(row), _pct(row.get("val_auroc"))]
         for g in metric_groups:
             line += [_pct(row.get(f"{g}/auroc")), _pct(row.get(f"{g}/fpr95"))]

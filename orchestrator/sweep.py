@@ -375,7 +375,9 @@ class SweepRunner:
                                         **{f"selected.{k}": v for k, v in best["params"].items()},
                                         "search_space": space, "trials": len(trials)},
                         metrics=best["metrics"], tags={"cached": str(reused).lower(), "search_key": skey})
-            artifacts.log_detector_figures(tracker, run_id, f"{det.label} @ {bb.label}", scores)
+            chosen = report.format_params(best["params"])
+            artifacts.log_detector_figures(tracker, run_id, f"{det.label} @ {bb.label}" +
+                                           (f" ({chosen})" if chosen != "-" else ""), scores)
             artifacts.log_exit_figures(tracker, run_id, det.label, det.params.get("layers", []),
                                        search_cache.paths(self.cfg.storage, skey)["scores"])
 

@@ -7,7 +7,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ood_core.metrics import auroc
-from ood_core.plots import per_layer_auroc_figure, roc_figure, score_histogram_figure
+from ood_core.plots import ID_COLOUR, beats_final_layer, per_layer_auroc_figure, roc_figure, score_histogram_figure
 
 
 @pytest.fixture
@@ -35,14 +35,43 @@ def test_roc_figure(scores):
     assert _png(fig).startswith(b"\x89PNG")
 
 
+def _face(patch):
+    return mcolors.to_hex(patch.get_facecolor(), keep_alpha=False)
+
+
 def test_score_histogram_figure(scores):
     s_id, ood = scores
     fig = score_histogram_figure(s_id, ood, "hist")
-    texts = _legend(fig)
-    assert texts[0].startswith("ID") and any(t.startswith("near (AUROC") for t in texts)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["ID vs near", "ID vs far"]  # one panel per OOD set
+    blue = mcolors.to_hex(ID_COLOUR)
+    ood_colours = []
+    for ax in panels:
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert texts[0].startswith("ID (n=200") and "AUROC" in texts[1]
+        colours = {_face(p) for p in ax.patches}
+        assert blue in colours and len(colours) == 2  # ID in blue, the OOD set in a colour of its own
+        ood_colours += [c for c in colours if c != blue]
+    assert len(set(ood_colours)) == 2  # each OOD set its own colour
+    assert fig.get_suptitle() == "hist"
     assert _png(fig).startswith(b"\x89PNG")
     # constant scores do not break the binning
     _png(score_histogram_figure(np.zeros(5), {"o": np.zeros(3)}, "flat"))
+
+
+def test_score_histogram_keeps_id_and_near_readable_next_to_far_away_scores():
+    """Mahalanobis on the quickstart: ID and near-OOD digits around 100-600, noise around 10,000-30,000."""
+    rng = np.random.default_rng(1)
+    s_id, near, noise = rng.normal(150, 40, 271), rng.normal(360, 60, 179), rng.normal(15000, 3000, 500)
+    fig = score_histogram_figure(s_id, {"digits-6-9": near, "gaussian-noise": noise}, "Mahalanobis")
+    near_ax, noise_ax = [ax for ax in fig.axes if ax.get_visible()]
+    lo, hi = near_ax.get_xlim()
+    assert lo >= 0 and hi < 700  # the near panel is on the range of ID and near, not of the noise
+    assert noise_ax.get_xlim()[1] > 10_000
+    for patch in near_ax.patches:  # ID's and near's histograms each spread over the range, not one bar at 0
+        assert patch.get_path().get_extents().width > 0.25 * (hi - lo)
+    # the samples outside the 0.5-99.5 percentile range are counted in the legend
+    assert any("outside" in t.get_text() for t in noise_ax.get_legend().get_texts())
 
 
 def test_per_layer_auroc_figure():
@@ -50,7 +79,7 @@ def test_per_layer_auroc_figure():
     vals = [0.6, 0.9, 0.75, 0.8]
     fig = per_layer_auroc_figure(names, vals, 0.8, "per layer")
     ax = fig.axes[0]
-    colors = [mcolors.to_hex(p.get_facecolor()) for p in ax.patches]
+    colors = [_face(p) for p in ax.patches]
     green, grey = mcolors.to_hex("tab:green"), mcolors.to_hex("tab:grey")
     assert colors == [grey, green, grey, grey]  # only bn1 beats the final layer
     assert [t.get_text() for t in ax.get_xticklabels()] == names  # network order kept
@@ -59,6 +88,22 @@ def test_per_layer_auroc_figure():
     assert _png(fig).startswith(b"\x89PNG")
     with pytest.raises(ValueError):
         per_layer_auroc_figure(names, vals[:2], 0.8, "bad")
+
+
+def test_per_layer_auroc_figure_is_honest_below_chance():
+    """0.08 against a final layer at 0.01 is not better: both are worse than chance. Fixed axis, chance line,
+    value labels (a bar at 0.0 is labelled, so it does not vanish)."""
+    fig = per_layer_auroc_figure(["a", "b", "c"], [0.08, 0.0, 0.7], 0.01, "below chance")
+    ax = fig.axes[0]
+    green = mcolors.to_hex("tab:green")
+    assert [_face(p) == green for p in ax.patches[:3]] == [False, False, True]
+    assert ax.get_ylim() == (0.0, 1.05)
+    assert any(ln.get_linestyle() == "--" and ln.get_ydata()[0] == 0.5 for ln in ax.get_lines())  # chance
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["0.08", "0.00", "0.70"]
+    assert beats_final_layer(0.7, 0.01) and not beats_final_layer(0.08, 0.01) and not beats_final_layer(0.9, None)
+    # the same axis whatever the values
+    assert per_layer_auroc_figure(["a"], [0.99], 0.98).axes[0].get_ylim() == (0.0, 1.05)
 
 
 def test_roc_grid_and_comparison_figures():
@@ -70,9 +115,31 @@ def test_roc_grid_and_comparison_figures():
     panels = {f"det{i}": (rng.normal(size=50), {"a": rng.normal(1, 1, 40), "b": rng.normal(2, 1, 40)}) for i in range(5)}
     fig = roc_grid_figure(panels, "grid")
     assert sum(ax.get_visible() for ax in fig.axes) == 5
-    rows = [{"detector": "x", "near/auroc": 0.8, "far/auroc": 0.9}, {"detector": "x", "near/auroc": 0.7, "far/auroc": 0.95},
-            {"detector": "y", "near/auroc": 0.6, "far/auroc": 0.5}]
+    rows = [{"detector": "x", "type": "KNN", "near/auroc": 0.8, "far/auroc": 0.9},
+            {"detector": "x", "type": "KNN", "near/auroc": 0.7, "far/auroc": 0.95},
+            {"detector": "y", "type": "MaxSoftmax", "near/auroc": 0.6, "far/auroc": 0.5}]
     fig = detector_comparison_figure(rows)
     ax = fig.axes[0]
-    heights = sorted(round(p.get_height(), 3) for p in ax.patches)
-    assert heights == sorted([0.75, 0.925, 0.6, 0.5])
+    widths = sorted(round(p.get_width(), 3) for p in ax.patches)
+    assert widths == sorted([0.75, 0.925, 0.6, 0.5])  # two seeds of x averaged
+    assert any(ln.get_linestyle() == "--" and ln.get_xdata()[0] == 0.5 for ln in ax.get_lines())  # chance
+    assert ax.get_xlim() == (0.0, 1.0)
+    # grouped by representation (logits before features), one seed of y: error bars only where seeds differ
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["y  [logits]", "x  [features]"]
+
+
+def test_detector_comparison_scales_and_draws_no_empty_error_bars():
+    from matplotlib.container import ErrorbarContainer
+
+    from ood_core.plots import detector_comparison_figure
+
+    rows = [{"detector": f"D{i:02d}", "type": "KNN", "near/auroc": 0.5 + i / 100, "far/auroc": 0.9} for i in range(40)]
+    fig = detector_comparison_figure(rows)
+    ax = fig.axes[0]
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]  # one seed each: no error bars
+    names = [t.get_text().split()[0] for t in ax.get_yticklabels()]
+    assert names[0] == "D39" and names[-1] == "D00"  # sorted, the best on top
+    width, height = fig.get_size_inches()
+    assert height > 10 and width < 10  # grows downwards with the number of detectors, not into a strip
+    legend = fig.legends[0]
+    assert legend and not ax.get_legend()  # outside the axes: it covers no bar

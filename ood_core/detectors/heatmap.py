@@ -101,7 +101,7 @@ class HeatmapOOD(ModelInputs, Detector):
     The score is per sample (the decoder's batch norms are in eval mode): batch independent.
 
     Paper: Hornauer & Belagiannis, "Heatmap-based Out-of-Distribution Detection", WACV 2023
-    (arXiv:2211.08115); code https://github.com/jhornauer/heatmap_ood (``../shared/seeds/003_*``).
+    (arXiv:2211.08115); code https://github.com/jhornauer/heatmap_ood.
     pytorch-ood 0.4.0 has no such detector.
 
     :param model: the classifier, with ``features`` (penultimate) and ``head`` (see ``ood_core.backbones``)

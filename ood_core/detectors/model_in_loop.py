@@ -244,7 +244,7 @@ class GradNormKL(_GradientNorm):
     .. math:: s(x) = -\Big\lVert \frac{\partial}{\partial w} \sum_{c=1}^C
               \operatorname{BCE}\big(\operatorname{softmax}(f(x))_c,\, 1/C\big) \Big\rVert_1
 
-    as documented for pytorch-ood's ``GradNormKL`` (``../shared/seeds/004_*``; the class is not in
+    as documented for pytorch-ood's ``GradNormKL`` (its documentation; the class is not in
     pytorch-ood 0.4.0). Selection, closed form for a linear head and chunking as in :class:`GradNorm`.
 
     Paper (the method it varies): Huang, Geng & Li, NeurIPS 2021 (arXiv:2110.00218).
