@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -76,6 +78,21 @@ def cmd_validate(args) -> int:
     return 0
 
 
+class _PlainText:
+    """A text stream that drops ANSI colour codes (Ray colours its worker-log prefixes even in a file)."""
+
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(self._ANSI.sub("", text))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def cmd_sweep(args) -> int:
     from orchestrator.sweep import SweepRunner
 
@@ -85,7 +102,10 @@ def cmd_sweep(args) -> int:
         if not folder.is_dir() or not os.access(folder, os.W_OK) or Path(args.json).is_dir():
             raise UserError(f"--json: cannot write {args.json} (the folder {folder} is missing or not writable, "
                             "or the path is a folder)")
+    if not sys.stdout.isatty():  # a log file: Ray's worker lines without their colour codes
+        sys.stdout, sys.stderr = _PlainText(sys.stdout), _PlainText(sys.stderr)
     runner = SweepRunner(cfg, text)  # storage and tracking store checked (seconds), then planned: before any work
+    runner.ui_command = f"python -m orchestrator ui {shlex.quote(args.config)}"
     rows = runner.run(wait=args.wait)
     if args.json:
         Path(args.json).write_text(json.dumps({"sweep": cfg.name, "sweep_seconds": runner.seconds,

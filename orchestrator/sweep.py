@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +19,7 @@ from orchestrator.errors import UserError
 from orchestrator.interrupts import POLL_S, latched_sigint, raise_if_interrupted
 from orchestrator.plan import BackbonePlan, SweepPlan, check_inputs, content_key, join_uri, make_plan, outlier_jobs
 from orchestrator.tracking import Tracker, flatten
+from tasks.progress import driver_progress, tell_workers
 
 
 def _say(msg: str) -> None:
@@ -39,6 +39,7 @@ def init_ray() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banners, our own progress bar
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C interrupts the sweep, not only Tune
+    tell_workers()  # progress as bars in a terminal, as a few lines in a log
     # a trial whose detector raised reports its error instead of the metric (recorded, never retried)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # RAY_ADDRESS (set by `ray job submit`, or by hand) joins a cluster; otherwise a fresh local instance,
@@ -128,6 +129,8 @@ class SweepRunner:
         self.tracking_uri = self.cfg.resolved_tracking_uri()
         self._ray_started = False
         self.clock = StageClock()
+        #: the command that opens this sweep's MLflow store (the CLI names the sweep file in it)
+        self.ui_command = "python -m orchestrator ui"
         #: one line per (backbone, detector) search with failed trials (the sweep then exits 1)
         self.failures: List[str] = []
         #: identity of this sweep: an interrupted run of the same config is resumed, not duplicated
@@ -185,8 +188,6 @@ class SweepRunner:
 
     def extract(self) -> None:
         import ray
-        from tqdm import tqdm
-
         from ood_core.feature_store import check_feature_file
         from tasks.extract import extract_dataset
 
@@ -212,7 +213,7 @@ class SweepRunner:
         if refs:
             _say(f"[extract] extracting {len(refs)} feature files "
                  f"({', '.join(str(len(bb.layers)) for bb in plan.backbones)} representations per backbone)")
-            with tqdm(total=len(refs), desc="extract", unit="set", file=sys.stdout) as bar:
+            with driver_progress(len(refs), "extract", "sets") as bar:
                 left = refs
                 while left:
                     done, left = ray.wait(left, num_returns=1, timeout=POLL_S)
@@ -236,8 +237,6 @@ class SweepRunner:
 
     def search(self, tracker: Tracker, parent: str) -> List[Dict]:
         """Search every (backbone, detector) pair; unchanged searches come from the search cache."""
-        from tqdm import tqdm
-
         from ood_core.detectors.registry import get_spec
         from orchestrator.search import BatchedMLflowCallback, TrialProgress, entry_variants, run_search
         from tasks.evaluate import at_chance, backbone_accuracy, constant, load_scores, tune_trial
@@ -289,7 +288,7 @@ class SweepRunner:
                 tracking_uri=self.tracking_uri, experiment_name=cfg.name, tags={"stage": "trial", "cached": "false"}, parents=runs,
                 metric_filter=_is_metric,
             )
-            with tqdm(total=total, desc="search", unit="trial", file=sys.stdout) as bar:
+            with driver_progress(total, "search", "trials") as bar:
                 by_key = run_search(
                     tune_trial, contexts, entries, metric=metric, mode=mode,
                     max_concurrent=cfg.search.max_concurrent_trials, storage_path=join_uri(cfg.storage, "tune"),
@@ -400,8 +399,6 @@ class SweepRunner:
         is cached as complete; one whose every trial failed gets no selection (``selected`` None)."""
         import ray
 
-        from tqdm import tqdm
-
         from orchestrator.search import select_best
         from tasks.evaluate import TEST_ROLES, entry_of, final_scores
 
@@ -441,7 +438,7 @@ class SweepRunner:
         if pending:
             sets = len([e for e in next(iter(contexts.values()))["sets"].values() if e["role"] in TEST_ROLES])
             _say(f"[test] scoring the selected configuration of {len(pending)} searches on {sets} test sets")
-        with tqdm(total=len(pending), desc="test", unit="search", file=sys.stdout, disable=not pending) as bar:
+        with driver_progress(len(pending), "test", "searches") as bar:
             left = dict(pending)
             while left:
                 done, _ = ray.wait(list(left.values()), num_returns=1, timeout=POLL_S)
@@ -569,5 +566,5 @@ class SweepRunner:
         _say("")
         _say(report.format_table(rows, metric_groups=("near", "far"), optimistic=bool(overlap)))
         self.seconds = time.perf_counter() - started
-        _say(f"\n[sweep] done in {self.seconds:.1f} s ({self.clock.line()}); browse with: python -m orchestrator ui")
+        _say(f"\n[sweep] done in {self.seconds:.1f} s ({self.clock.line()}); browse with: {self.ui_command}")
         return rows

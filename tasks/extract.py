@@ -38,9 +38,9 @@ def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_class
                 "dataset_spec": json.dumps({k: ds[k] for k in ("dataset", "split", "params", "seed")}, sort_keys=True),
                 "split": ds["split"], "role": ds["role"], "feature_key": feature["key"]}
 
-    from ray.experimental.tqdm_ray import tqdm
+    from tasks.progress import worker_progress
 
-    bar = tqdm(total=len(loader), desc=f"extract {backbone['label']}/{ds['label']}")
+    bar = worker_progress(len(data), f"extract {backbone['label']}/{ds['label']}", "images")  # updated per sample
     stats = extract_features(model, loader, specs, feature["uri"], metadata=metadata, device=device, progress=bar,
                              writer_options={"record_hash": True})
     bar.close()

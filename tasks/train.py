@@ -65,9 +65,9 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
     cfg = make_train_config(train.pop("recipe", None), **train)
     resume_uri = backbone["checkpoint_uri"] + ".resume"
 
-    from ray.experimental.tqdm_ray import tqdm
+    from tasks.progress import worker_progress
 
-    bar = tqdm(total=cfg.epochs, desc=f"train {backbone['label']}")
+    bar = worker_progress(cfg.epochs, f"train {backbone['label']}", "epochs")
 
     def on_epoch(row):
         bar.set_description(f"train {backbone['label']} val_acc={row['val_acc']:.3f}")
