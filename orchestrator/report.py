@@ -21,6 +21,11 @@ def format_params(selected: Dict) -> str:
     return ", ".join(f"{k}={show(v)}" for k, v in selected.items())
 
 
+def trial_run_name(detector: str, params: Dict) -> str:
+    """The MLflow name of a trial's run, the same for a fresh and a cached search: ``KNN k=50``."""
+    return f"{detector} {format_params(params)}" if params else detector
+
+
 def results_frame(rows: Iterable[Dict]) -> pd.DataFrame:
     """Rows as a flat frame (selected hyperparameters and failed trials as JSON) for CSV / Parquet artifacts."""
     flat = []

@@ -94,9 +94,13 @@ class BatchedMLflowCallback(MLflowLoggerCallback):
         if found:
             self._trial_runs[trial] = found[0].info.run_id
             return
+        from orchestrator.report import trial_run_name
+
         tags = {**(self.tags or {}), "trial_name": str(trial), "mlflow.parentRunId": parent,
-                **{k: str(v) for k, v in entry.get("tags", {}).items()}}
-        run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
+                **{k: str(v) for k, v in entry.get("tags", {}).items()},
+                **({"trial_index": str(entry["index"])} if "index" in entry else {})}
+        run = self.mlflow_util.start_run(tags=tags, run_name=trial_run_name(entry.get("tags", {}).get(
+            "detector", key), params))
         self._trial_runs[trial] = run.info.run_id
         self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=params)
 

@@ -172,7 +172,9 @@ class SweepRunner:
             results[key] = value
         for bb in plan.backbones:
             r = results[bb.key]
-            rid, finished = tracker.child(parent, f"train {bb.label}", {"stage": "train", "backbone": bb.label})
+            began = int((time.time() - r["seconds"]) * 1000) if not r["cached"] else None  # the task's own start
+            rid, finished = tracker.child(parent, f"train {bb.name} ({bb.arch}) seed {bb.seed}",
+                                          {"stage": "train", "backbone": bb.label}, start_time=began)
             if finished:  # logged before this sweep was interrupted
                 continue
             with tracker.closing(rid):
@@ -365,7 +367,8 @@ class SweepRunner:
         with tracker.closing(run_id):
             if reused:  # a reused search still gets its complete set of runs in this sweep
                 for i, t in enumerate(trials):
-                    rid, finished = tracker.child(run_id, f"trial {i:03d}", {"stage": "trial", "trial_index": str(i)})
+                    rid, finished = tracker.child(run_id, report.trial_run_name(det.label, t["params"]),
+                                                  {"stage": "trial", "trial_index": str(i)})
                     if not finished:
                         with tracker.closing(rid):
                             tracker.log(rid, params=t["params"], metrics=t["metrics"],
@@ -389,7 +392,11 @@ class SweepRunner:
 
         cfg = self.cfg
         expected = {e["key"]: len(entry_variants(e["search"], e["num_samples"], cfg.seed, e["key"])) for e in entries}
-        ledger = ray.remote(SelectionLedger).options(num_cpus=0).remote(expected, cfg.search.metric, cfg.search.mode)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # the driver's node
+        ledger = ray.remote(SelectionLedger).options(num_cpus=0, scheduling_strategy=here).remote(
+            expected, cfg.search.metric, cfg.search.mode)
         for key, context in contexts.items():
             context.update(ledger=ledger, scores_uri=search_cache.paths(cfg.storage, info[key][3])["scores"])
 
@@ -407,7 +414,10 @@ class SweepRunner:
         remote = ray.remote(final_scores).options(num_cpus=1, num_gpus=cfg.resources.gpus_per_trial,
                                                   max_retries=cfg.resources.max_retries)
         ledger = next((c["ledger"] for c in contexts.values() if c.get("ledger") is not None), None)
-        tested = ray.get(ledger.results.remote()) if ledger is not None else {}
+        try:
+            tested = ray.get(ledger.results.remote()) if ledger is not None else {}
+        except ray.exceptions.RayError:  # its node was lost: every selection is tested in the test stage
+            tested = {}
         records, pending, during = {}, {}, 0
         for key, results in by_key.items():
             ok = [r for r in results if r.error is None and f"val_{metric}" in r.metrics]

@@ -105,11 +105,14 @@ class Tracker:
         return exp.experiment_id if exp else self.client._client.create_experiment(name)
 
     # -- runs --------------------------------------------------------------------------
-    def start_run(self, name: str, parent: Optional[str] = None, tags: Optional[Dict[str, str]] = None) -> str:
+    def start_run(self, name: str, parent: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
+                  start_time: Optional[int] = None) -> str:
+        """A new run; ``start_time`` (ms since the epoch) when the work it records began earlier (a training
+        task's start), so that its duration in the UI is the work's."""
         all_tags = dict(tags or {})
         if parent:
             all_tags[PARENT_TAG] = parent
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags, start_time=start_time)
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
@@ -148,14 +151,15 @@ class Tracker:
             return run_id, True
         return self.start_run(name, tags={"stage": "sweep", "sweep_key": sweep_key}), False
 
-    def child(self, parent: str, name: str, tags: Dict[str, str]) -> Tuple[str, bool]:
+    def child(self, parent: str, name: str, tags: Dict[str, str], start_time: Optional[int] = None
+              ) -> Tuple[str, bool]:
         """The child run of ``parent`` carrying ``tags`` (created when absent); ``(run_id, finished)``."""
         clauses = [f"tags.`{PARENT_TAG}` = '{parent}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         found = self.client.search_runs([self.experiment_id], filter_string=" and ".join(clauses), max_results=1)
         if found:
             run = found[0]
             return run.info.run_id, run.info.status == "FINISHED"
-        return self.start_run(name, parent=parent, tags=tags), False
+        return self.start_run(name, parent=parent, tags=tags, start_time=start_time), False
 
     # -- logging (always batched) -------------------------------------------------------
     def log(self, run_id: str, metrics: Optional[Dict[str, float]] = None, params: Optional[Dict] = None,

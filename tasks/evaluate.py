@@ -263,14 +263,20 @@ def _complete_search(context: Dict, key: str, index: Optional[int], params: Dict
     ledger = context.get("ledger")
     if ledger is None or index is None:
         return
-    claim = ray.get(ledger.record.remote(key, index, params, metrics))
+    try:
+        claim = ray.get(ledger.record.remote(key, index, params, metrics))
+    except ray.exceptions.RayError:  # the ledger's node was lost: the sweep's test stage tests the selection
+        return
     if claim is None:
         return
     try:
         result = {"metrics": final_scores(context, claim["params"], context["scores_uri"])}
     except Exception as exc:  # noqa: BLE001 - the sweep records it as the search's test failure
         result = {"error": one_line(exc), "traceback": traceback.format_exc()}
-    ray.get(ledger.finish.remote(key, result))
+    try:
+        ray.get(ledger.finish.remote(key, result))
+    except ray.exceptions.RayError:
+        pass
 
 
 def final_scores(context: Dict, params: Dict, uri: str) -> Dict[str, float]:

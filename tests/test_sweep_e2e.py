@@ -121,6 +121,11 @@ def test_second_run_reuses_everything_and_changed_search_recomputes_only_itself(
     assert "reusing 9 of 9 cached feature files" in out
     assert "reusing 4 of 4 cached searches" in out
     assert [r["near/auroc"] for r in again] == [r["near/auroc"] for r in rows]
+    _, runs = _runs(cfg.tracking_uri, "e2e")
+    names = {flag: set(r.info.run_name for r in runs if r.data.tags.get("stage") == "trial" and
+                          r.data.tags.get("detector") == "MaxSoftmax" and r.data.tags.get("cached") == flag)
+             for flag in ("false", "true")}
+    assert names["false"] == names["true"] == {"MaxSoftmax t=1", "MaxSoftmax t=1000"}  # fresh and cached alike
 
     changed = copy.deepcopy(raw)
     changed["detectors"][3]["search"]["percentile"]["grid"] = [85, 95]
@@ -181,3 +186,8 @@ def test_corrupt_cache_files_are_detected_and_recomputed(first_sweep, capsys):
     pd.read_parquet(feature)  # rewritten whole
     _json.loads(search.read_text())
     assert [r["near/auroc"] for r in again] == [r["near/auroc"] for r in rows]
+    _, runs = _runs(cfg.tracking_uri, "e2e")
+    names = {flag: set(r.info.run_name for r in runs if r.data.tags.get("stage") == "trial" and
+                          r.data.tags.get("detector") == "MaxSoftmax" and r.data.tags.get("cached") == flag)
+             for flag in ("false", "true")}
+    assert names["false"] == names["true"] == {"MaxSoftmax t=1", "MaxSoftmax t=1000"}  # fresh and cached alike

@@ -41,7 +41,13 @@ def test_trials_score_validation_and_the_selected_configuration_is_tested_once(t
     assert detectors and all("near/auroc" in r.data.metrics and "test/photos/auroc" in r.data.metrics
                              for r in detectors)
     sweep = next(r for r in runs if r.data.tags.get("stage") == "sweep")
-    assert {"seconds/train", "seconds/search", "seconds/test", "seconds/report"} <= set(sweep.data.metrics)
+    assert {"seconds/train", "seconds/search", "seconds/report"} <= set(sweep.data.metrics)
+    # run names say what a run is; a training run lasts as long as the training did
+    assert {r.info.run_name for r in trials if r.data.tags["detector"] == "KNN"} == \
+        {"KNN k=1", "KNN k=5", "KNN k=10", "KNN k=20"}
+    train = next(r for r in runs if r.data.tags.get("stage") == "train")
+    assert train.info.run_name == "train cnn (small_cnn) seed 0"
+    assert train.info.end_time - train.info.start_time >= 0.9 * 1000 * train.data.metrics["train_seconds"] > 1000
 
     every = write_config(tmp_path, name="every", storage=str(clean_sweep["storage"]),
                          search={"score_test_every_trial": True})
