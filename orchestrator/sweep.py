@@ -19,6 +19,7 @@ from orchestrator.errors import UserError
 from orchestrator.interrupts import POLL_S, latched_sigint, raise_if_interrupted
 from orchestrator.plan import BackbonePlan, SweepPlan, check_inputs, content_key, join_uri, make_plan, outlier_jobs
 from orchestrator.tracking import Tracker, flatten
+from tasks.evaluate import is_test_metric
 from tasks.progress import driver_progress, tell_workers
 
 
@@ -158,6 +159,8 @@ class SweepRunner:
                     _state, meta = load_checkpoint(bb.checkpoint_uri)
                     results[bb.key] = {"key": bb.key, "history": meta.get("history", []), "cached": True,
                                        "sha256": check.sha256, "seconds": 0.0}
+                    if "train_seconds" in meta:
+                        results[bb.key]["train_seconds"] = meta["train_seconds"]
                     _say(f"[train] {bb.label}: reusing cached checkpoint {bb.key}")
                     continue
                 except CheckpointError as exc:  # intact bytes that do not load: set aside too
@@ -182,7 +185,9 @@ class SweepRunner:
                                          **{f"params.{k}": v for k, v in bb.params.items()},
                                          **{f"train.{k}": v for k, v in bb.train.items()}},
                             tags={"cached": str(r["cached"]).lower(), "checkpoint_sha256": r["sha256"]},
-                            metrics={"train_seconds": r["seconds"]})
+                            # a cached checkpoint: how long the training that wrote it took, where it says
+                            metrics={"train_seconds": r["train_seconds"]} if r["cached"] and "train_seconds" in r
+                            else {} if r["cached"] else {"train_seconds": r["seconds"]})
                 tracker.log_history(rid, r["history"])
                 if self._local(bb.checkpoint_uri):
                     tracker.log_artifact(rid, bb.checkpoint_uri, "checkpoint")
@@ -369,9 +374,11 @@ class SweepRunner:
                 for i, t in enumerate(trials):
                     rid, finished = tracker.child(run_id, report.trial_run_name(det.label, t["params"]),
                                                   {"stage": "trial", "trial_index": str(i)})
-                    if not finished:
+                    if not finished:  # what the trial itself scored: the selected one's test scores are the detector run's
+                        own = t["metrics"] if self.cfg.search.score_test_every_trial else \
+                            {k: v for k, v in t["metrics"].items() if not is_test_metric(k)}
                         with tracker.closing(rid):
-                            tracker.log(rid, params=t["params"], metrics=t["metrics"],
+                            tracker.log(rid, params=t["params"], metrics=own,
                                         tags={"cached": "true", "backbone": bb.label, "detector": det.label})
             tracker.log(run_id, params={**{f"fixed.{k}": v for k, v in det.params.items()},
                                         **{f"selected.{k}": v for k, v in best["params"].items()},

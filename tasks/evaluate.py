@@ -163,6 +163,11 @@ VALIDATION_ROLES = ("id_val", "ood_val")
 TEST_ROLES = ("id_test", *GROUPS)
 
 
+def is_test_metric(name: str) -> bool:
+    """Whether a metric name is one of :func:`test_metrics`' (``test/<set>/...``, ``near/...``, ``far/...``)."""
+    return name.startswith(tuple(f"{g}/" for g in ("test", *GROUPS)))
+
+
 def validation_metrics(context: Dict, scores: Dict[str, np.ndarray]) -> Dict[str, float]:
     """``val_<metric>``: ID val against each OOD val set, averaged over the OOD val sets."""
     from ood_core.metrics import ood_metrics

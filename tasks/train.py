@@ -32,7 +32,7 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
             _state, meta = load_checkpoint(uri)
             out = {"key": backbone["key"], "sha256": check.sha256,
                    "history": meta.get("history", []), "cached": True, "seconds": 0.0}
-            for k in ("source_checkpoint", "source_sha256", "evaluation"):
+            for k in ("source_checkpoint", "source_sha256", "evaluation", "train_seconds"):
                 if k in meta:
                     out[k] = meta[k]
             return out
@@ -76,7 +76,7 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
     history = train_classifier(model, train_set, val_set, cfg, seed=backbone["seed"], device=device,
                                on_epoch=on_epoch, resume_uri=resume_uri, input_format=f)
     bar.close()
-    meta["history"] = history
+    meta.update(history=history, train_seconds=time.perf_counter() - start)
     sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta, record_hash=True)
     storage.remove(resume_uri)
     return {"key": backbone["key"], "sha256": sha, "history": history, "cached": False,
