@@ -2,18 +2,30 @@
 from .knn import KNN, NNGuide
 from .logits import EnergyBased, MaxLogit, MaxSoftmax
 from .mahalanobis import Mahalanobis
+from .mahalanobis_pp import MahalanobisPP, RMDPP
+from .relation import Relation
+from .weiper import WeiPer
+from .grood import GROOD
 from .feature_stats import GMM, NCI, NECO, RMD, fDBD
 from .she import SHE
 from .dice import DICE
 from .openmax import OpenMax
 from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
 from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
+from .model_in_loop import IODIN
 from .gram import Gram
 from .heatmap import HeatmapOOD
 from .la_ood import LAOOD, LAOODEarlyExit
+from .fusion import LayerFusion
+from .adascale import AdaScaleA, AdaScaleL
 from .multilayer import LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
 from .nac import NACUE
 from .react import ReAct
+from .cadref import CADRef
+from .cfood import CFOOD
+from .lts import LTS
+from .optfs import OptFS
+from .pnml import PNML
 from .shaping import ASH, SCALE, VRA, RankFeat
 from .registry import (
     REGISTRY,
@@ -32,6 +44,11 @@ __all__ = [
     "MaxLogit",
     "EnergyBased",
     "Mahalanobis",
+    "MahalanobisPP",
+    "RMDPP",
+    "WeiPer",
+    "Relation",
+    "GROOD",
     "ViM",
     "KNN",
     "ReAct",
@@ -45,8 +62,17 @@ __all__ = [
     "Gram",
     "LAOOD",
     "LAOODEarlyExit",
+    "LayerFusion",
+    "AdaScaleA",
+    "AdaScaleL",
     "NACUE",
     "ODIN",
+    "IODIN",
+    "CADRef",
+    "OptFS",
+    "CFOOD",
+    "LTS",
+    "PNML",
     "GradNorm",
     "GradNormKL",
     "MCD",

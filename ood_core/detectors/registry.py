@@ -25,18 +25,30 @@ from ..api import Detector
 from .knn import KNN, NNGuide
 from .logits import EnergyBased, MaxLogit, MaxSoftmax
 from .mahalanobis import Mahalanobis
+from .mahalanobis_pp import MahalanobisPP, RMDPP
+from .relation import Relation
+from .weiper import WeiPer
+from .grood import GROOD
 from .feature_stats import GMM, NCI, NECO, RMD, fDBD
 from .she import SHE
 from .dice import DICE
 from .openmax import OpenMax
 from .probability import GEN, Entropy, KLMatching, TemperatureScaling, WeightedEBO
 from .model_in_loop import MCD, ODIN, GradNorm, GradNormKL, MahalanobisPreprocessed
+from .model_in_loop import IODIN
 from .gram import Gram
 from .heatmap import HeatmapOOD
 from .la_ood import LAOOD, LAOODEarlyExit
+from .fusion import LayerFusion
+from .adascale import AdaScaleA, AdaScaleL
 from .multilayer import LayerEnergy, LayerEnergyAggregate, MultiMahalanobis
 from .nac import NACUE
 from .react import ReAct
+from .cadref import CADRef
+from .cfood import CFOOD
+from .lts import LTS
+from .optfs import OptFS
+from .pnml import PNML
 from .shaping import ASH, SCALE, VRA, RankFeat
 from .vim import ViM
 
@@ -95,12 +107,18 @@ for _cls in (
     MaxSoftmax, MaxLogit, EnergyBased, TemperatureScaling, KLMatching, Entropy, GEN, OpenMax, WeightedEBO,
     # penultimate features
     Mahalanobis, RMD, GMM, ViM, KNN, NNGuide, SHE, NCI, fDBD, DICE, NECO,
+    MahalanobisPP, RMDPP, WeiPer, Relation, GROOD,
+    CFOOD, PNML,
     # activation shaping
     ReAct, ASH, SCALE, VRA, RankFeat,
+    CADRef, OptFS, LTS,
     # several layers
     MultiMahalanobis, LayerEnergy, LayerEnergyAggregate, Gram, LAOOD, LAOODEarlyExit,
+    LayerFusion,
     # the network in the loop
     NACUE, ODIN, GradNorm, GradNormKL, MCD, MahalanobisPreprocessed, HeatmapOOD,
+    IODIN,
+    AdaScaleA, AdaScaleL,
 ):
     register(_cls)
 

@@ -31,6 +31,7 @@ EXTRA = {
     "Gram": {"layers": ["conv2.none"], "powers": 2},
     "LAOOD": {"layers": ["conv2", "penultimate"]},
     "LAOODEarlyExit": {"layers": ["conv2", "penultimate"]},
+    "LayerFusion": {"layers": ["conv2.energy", "conv2", "penultimate"]},
     "NACUE": {"layers": ["bn1", "conv2"]},
     "MCD": {"samples": 3, "seed": 0},
     "HeatmapOOD": {"epochs": 1, "width": 16, "latent_dim": 8, "seed": 0},
