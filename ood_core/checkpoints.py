@@ -236,3 +236,50 @@ def load_user_checkpoint(uri: str, model: nn.Module, *, arch: Optional[str] = No
                               f"not of {arch!r}")
     load_into(model, _rename(state, model.state_dict()), source=f"checkpoint {uri}")
     return {"sha256": sha, "format": fmt, "meta": meta}
+
+
+# ---------------------------------------------------------------------------------------
+# the classifier head, for head-based detectors
+
+_HEAD_NAMES = ("head", "fc", "linear", "classifier")
+
+
+def load_head(uri: str, expected_sha256: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The final linear layer ``(w (C, D), b (C,))`` of the checkpoint at ``uri`` (path or URI), on CPU in float32.
+
+    What ReAct, ViM, DICE, ASH, SCALE and the other head-based detectors take as ``head=``:
+    ``ReAct(head=load_head(path))``.
+    Only the state dict is read (weights-only loading, no model built): ``head.weight`` / ``head.bias`` of an
+    ood-sweep checkpoint, or ``fc.`` / ``linear.`` / ``classifier.`` of a plain state dict (``module.`` prefixes
+    stripped, as :func:`load_user_checkpoint` does). A bias-free head gives zeros for ``b``. Raises
+    :class:`CheckpointError` (one line naming the file) for a missing or corrupt file, a sha256 other than
+    ``expected_sha256``, no such layer, or a head whose class count differs from the ``num_classes`` the
+    checkpoint's meta records.
+    """
+    data = _read(uri)
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256.lower():
+        raise CheckpointError(f"checkpoint {uri} has sha256 {sha256_bytes(data)}, expected {expected_sha256}")
+    state, meta = _unwrap(_torch_load(data, uri), uri)
+    plain = {}
+    for key, value in state.items():
+        for prefix in _STRIP_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        plain[key] = value
+    name = next((n for n in _HEAD_NAMES if f"{n}.weight" in plain), None)
+    if name is None:
+        raise CheckpointError(f"checkpoint {uri} has no classifier head (none of "
+                              f"{', '.join(n + '.weight' for n in _HEAD_NAMES)}); pass head=(w, b) yourself")
+    w = plain[f"{name}.weight"]
+    if w.ndim != 2:
+        raise CheckpointError(f"checkpoint {uri}: {name}.weight has shape {tuple(w.shape)}, not (classes, features) "
+                              "of a linear layer")
+    b = plain.get(f"{name}.bias")
+    if b is None:
+        b = torch.zeros(w.shape[0])
+    if tuple(b.shape) != (w.shape[0],):
+        raise CheckpointError(f"checkpoint {uri}: {name}.bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+    classes = meta.get("num_classes")
+    if isinstance(classes, int) and classes != w.shape[0]:
+        raise CheckpointError(f"checkpoint {uri}: its head has {w.shape[0]} classes, its meta says {classes}")
+    return w.detach().float().clone(), b.detach().float().clone()

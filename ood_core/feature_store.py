@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from .storage import AtomicOutput, Cached, PathLike, resolve, verify_cached
 
-__all__ = ["FeatureSet", "FeatureWriter", "read_features", "validate_feature_file", "check_feature_file", "META_PREFIX",
+__all__ = ["FeatureSet", "FeatureWriter", "read_features", "describe_feature_file", "FeatureFileInfo",
+           "validate_feature_file", "check_feature_file", "META_PREFIX",
            "INDEX_COLUMN", "LABEL_COLUMN", "FORMAT_VERSION"]
 
 META_PREFIX = "ood_sweep."
@@ -353,6 +354,71 @@ def read_features(uri: PathLike, columns: Optional[Sequence[str]] = None) -> Fea
     del table
     metadata = {k[len(META_PREFIX):]: v for k, v in _decode_meta(schema.metadata).items() if k.startswith(META_PREFIX)}
     return FeatureSet(index=index, labels=labels, columns=out, metadata=metadata, column_meta=col_meta)
+
+
+@dataclass
+class FeatureFileInfo:
+    """What a feature file holds, read from its Parquet footer alone (:func:`describe_feature_file`).
+
+    ``columns`` maps each representation column to its per-sample shape: ``()`` for a float32 scalar,
+    ``(D,)`` for a vector, the recorded ``shape`` for a flattened array (feature maps); :meth:`width` gives
+    the number of floats per sample. ``metadata`` is the schema metadata without the ``ood_sweep.`` prefix
+    (``backbone``, ``dataset``, ``split``, ``role``, ``layers``...). ``complete`` is False when the footer's
+    row count differs from the ``ood_sweep.num_rows`` the writer recorded when it closed.
+    """
+
+    uri: str
+    rows: int
+    columns: Dict[str, tuple]
+    metadata: Dict[str, str]
+    column_meta: Dict[str, Dict[str, str]]
+    size_bytes: int
+    complete: bool
+
+    def width(self, column: str) -> int:
+        return int(np.prod(self.columns[column], dtype=np.int64)) if self.columns[column] else 1
+
+
+def describe_feature_file(uri: PathLike) -> FeatureFileInfo:
+    """Rows, columns (with their widths) and metadata of the feature file at ``uri`` (path or URI), from the
+    Parquet footer only: no column is read, so it takes milliseconds whatever the file's size.
+
+    Raises ``FileNotFoundError`` when there is no file at ``uri`` and ``ValueError`` (one line, naming the file)
+    when it is not a readable Parquet feature file (truncated, damaged, another format, no ``index`` /
+    ``label`` columns).
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no feature file at {uri}")
+    try:
+        with fs.open_input_file(path) as f:
+            md = pq.read_metadata(f)
+            schema = md.schema.to_arrow_schema()
+    except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError: every way a footer can be unreadable
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{uri} is not a readable Parquet file ({text[:200]})") from None
+    missing = [n for n in (INDEX_COLUMN, LABEL_COLUMN) if n not in schema.names]
+    if missing:
+        raise ValueError(f"{uri} is a Parquet file but not a feature file (no {' / '.join(missing)} column)")
+    columns: Dict[str, tuple] = {}
+    column_meta: Dict[str, Dict[str, str]] = {}
+    for f in schema:
+        if f.name in (INDEX_COLUMN, LABEL_COLUMN):
+            continue
+        meta = _decode_meta(f.metadata)
+        if pa.types.is_fixed_size_list(f.type):
+            columns[f.name] = tuple(json.loads(meta["shape"])) if "shape" in meta else (f.type.list_size,)
+        else:
+            columns[f.name] = ()
+        column_meta[f.name] = meta
+    kv = _decode_meta(md.metadata)
+    metadata = {k[len(META_PREFIX):]: v for k, v in kv.items() if k.startswith(META_PREFIX) and k != _NUM_ROWS_KEY}
+    return FeatureFileInfo(uri=str(uri), rows=int(md.num_rows), columns=columns, metadata=metadata,
+                           column_meta=column_meta, size_bytes=int(info.size or 0),
+                           complete=kv.get(_NUM_ROWS_KEY) == str(md.num_rows))
 
 
 def validate_feature_file(uri: PathLike, expected_columns: Iterable[str] = ()) -> bool:

@@ -24,11 +24,18 @@ ascending label order).
 
 All computations are float64 on the device of the features; every metric is 0 for perfect
 collapse (NC5: for OOD orthogonal to every class mean).
+
+In a sweep: :class:`CollapseProbe` measures NC1-NC4 after every training epoch on a fixed, class-stratified
+subset of ID train (:func:`stratified_subset`); :func:`collapse_summary` gives the final NC1-NC4 on the
+whole ID training set and NC5 against each OOD validation set from the cached features.
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -169,4 +176,119 @@ def neural_collapse_report(features, labels, w=None, b=None, logits=None, ood_fe
         report["nc4"] = nc4(h, y, logits)
     if ood_features is not None:
         report["nc5"] = nc5(h, y, ood_features)
+    return report
+
+
+# -- neural collapse in a training run and on a sweep's cached features ------------------------------------
+#: keys of the NC1-NC4 diagnostics, in the order they are shown
+NC_KEYS = ("nc1", "nc2_equinorm", "nc2_equiangularity", "nc3", "nc4")
+
+
+def stratified_subset(labels, n: int, seed: int) -> np.ndarray:
+    """Sorted positions of a fixed, seeded, class-stratified sample of ``n`` of the ``labels`` (all when
+    ``n >= len(labels)``): every class keeps its share (largest-remainder rounding of ``n * n_c / N``, ties to the
+    smaller label) and its members are drawn by a generator seeded with ``seed``, so the same labels, ``n`` and
+    ``seed`` always give the same sample."""
+    y = np.asarray(labels).reshape(-1)
+    total = y.shape[0]
+    if n >= total:
+        return np.arange(total)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = n * counts / total
+    take = np.floor(quota).astype(np.int64)
+    order = np.lexsort((classes, -(quota - take)))  # largest remainder first, then the smaller label
+    take[order[: n - int(take.sum())]] += 1
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(0x4E43,)))
+    picked = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+def _dataset_labels(dataset) -> np.ndarray:
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) >= 2:
+        return np.asarray(tensors[1].cpu()).reshape(-1)
+    if getattr(dataset, "targets", None) is not None:
+        return np.asarray(dataset.targets).reshape(-1)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+class CollapseProbe:
+    """NC1-NC4 of a classifier on a fixed, class-stratified subset of its training set, measured after each
+    epoch (Papyan, Han & Donoho 2020 follow these metrics over training; the probe is what
+    :func:`ood_core.training.train_classifier` calls with ``probe=``).
+
+    The subset (:func:`stratified_subset` of ``n_samples``, seeded with ``seed``) is fixed for the whole run, so
+    the curves show the network changing, not the sample. A call runs the model in eval mode, in float32, and
+    reads the penultimate features and the logits with the same hooks as feature extraction
+    (:func:`ood_core.hooks.capture_batch`: the input of ``model.head`` and the model output); NC3 uses
+    ``model.head``'s weights. It draws no random numbers and changes no weight or buffer, so training with
+    and without the probe ends with the same weights. Returns :data:`NC_KEYS` plus ``nc_seconds`` (the cost of
+    the measurement); the metrics are NaN when the features or weights are not finite. The subset's inputs are
+    kept in host memory after the first call when they take at most ``cache_bytes``.
+    """
+
+    def __init__(self, dataset, n_samples: int, seed: int, batch_size: int = 256, cache_bytes: int = 256 * 2**20):
+        if int(n_samples) < 2:
+            raise ValueError(f"neural collapse: n_samples must be at least 2, got {n_samples}")
+        labels = _dataset_labels(dataset)
+        self.indices = stratified_subset(labels, int(n_samples), int(seed))
+        self.labels = labels[self.indices]
+        if len(set(self.labels.tolist())) < 2:
+            raise ValueError(f"neural collapse: the {len(self.indices)} sampled training images hold fewer "
+                             "than 2 classes")
+        self.dataset, self.batch_size, self.cache_bytes = dataset, int(batch_size), int(cache_bytes)
+        self._cached = None
+
+    def _batches(self):
+        if self._cached is not None:
+            return self._cached
+        from torch.utils.data import DataLoader, Subset
+
+        # its own generator: a DataLoader draws a base seed per iterator, never from the global RNG here
+        loader = DataLoader(Subset(self.dataset, self.indices.tolist()), batch_size=self.batch_size, shuffle=False,
+                            generator=torch.Generator().manual_seed(0))
+        batches = [x for x, *_ in loader]
+        if sum(x.numel() * x.element_size() for x in batches) <= self.cache_bytes:
+            self._cached = batches
+        return batches
+
+    def __call__(self, model) -> Dict[str, float]:
+        from ood_core.hooks import LayerSpec, capture_batch
+
+        start = time.perf_counter()
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        feats, logits = [], []
+        try:
+            for x in self._batches():
+                x = x.to(device)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = capture_batch(model, x, [LayerSpec("penultimate"), LayerSpec("logits")])
+                feats.append(out["penultimate"])
+                logits.append(out["logits"])
+        finally:
+            model.train(was_training)
+        try:
+            report = neural_collapse_report(torch.cat(feats), torch.from_numpy(self.labels),
+                                            w=model.head.weight.detach().cpu(), logits=torch.cat(logits))
+        except ValueError:  # non-finite features or weights: a diagnostic must not stop the training
+            report = {k: math.nan for k in NC_KEYS}
+        report["nc_seconds"] = time.perf_counter() - start
+        return report
+
+
+def collapse_summary(features, labels, w=None, b=None, logits=None, ood_sets=None) -> Dict[str, float]:
+    """Final NC values of a trained backbone: NC1-NC4 on the ID training features (:func:`neural_collapse_report`;
+    NC4 from ``logits``, else from the head ``w``, ``b``) and NC5 (NECO, Ammar et al. 2024) against each named
+    OOD set in ``ood_sets`` (``{name: (M, D) features}``) as ``nc5/<name>``, plus ``nc5`` against all of them
+    pooled (the mean of their concatenated features)."""
+    report = neural_collapse_report(features, labels, w=w, b=b, logits=logits)
+    ood_sets = dict(ood_sets or {})
+    for name, ood in ood_sets.items():
+        report[f"nc5/{name}"] = nc5(features, labels, ood)
+    if ood_sets:
+        pooled = torch.cat([_features(f"ood_features {name}", ood) for name, ood in ood_sets.items()])
+        report["nc5"] = nc5(features, labels, pooled)
     return report

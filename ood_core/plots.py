@@ -17,7 +17,7 @@ from sklearn.metrics import roc_curve
 from .metrics import as_numpy, auroc
 
 __all__ = ["roc_figure", "score_histogram_figure", "per_layer_auroc_figure", "beats_final_layer", "roc_grid_figure",
-           "detector_comparison_figure", "exit_layer_figure", "ID_COLOUR", "OOD_COLOURS"]
+           "detector_comparison_figure", "exit_layer_figure", "neural_collapse_figure", "ID_COLOUR", "OOD_COLOURS"]
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -230,4 +230,57 @@ def exit_layer_figure(exits: Mapping[str, object], layer_names: Sequence[str], t
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set(ylabel="fraction of samples exiting", ylim=(0, 1), title=title)
     ax.legend(fontsize="x-small")
+    return fig
+
+
+#: panels of :func:`neural_collapse_figure`: (title, y label, [(history key, legend label)], log axis)
+_NC_PANELS = (
+    ("NC1: within-class variability", r"$\mathrm{Tr}(\Sigma_W \Sigma_B^{+}) / C$  (log axis)", [("nc1", "NC1")], True),
+    ("NC2: class means towards a simplex ETF", "deviation from an ETF",
+     [("nc2_equinorm", "equinorm (CV of the mean norms)"), ("nc2_equiangularity", "equiangularity")], False),
+    ("NC3: classifier aligned with the class means", r"$\Vert W/\Vert W\Vert - M/\Vert M\Vert\Vert^2$",
+     [("nc3", "NC3")], False),
+    ("NC4: nearest class mean vs network", "fraction of samples disagreeing", [("nc4", "NC4")], False),
+)
+
+
+def neural_collapse_figure(history: Sequence[Mapping], title: str = "Neural collapse over training") -> Figure:
+    """NC1-NC4 (Papyan, Han & Donoho 2020) against the epoch, one panel each, from a training history
+    (rows with ``epoch`` and the keys of :data:`ood_core.neural_collapse.NC_KEYS`; rows without them are
+    skipped). Every metric falls towards 0 as the network collapses; NC1 spans orders of magnitude and is drawn
+    on a log axis (plain-number tick labels), the others on linear axes from 0. Each legend gives the last
+    value."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    rows = [r for r in history if "nc1" in r]
+    epochs = np.array([float(r["epoch"]) for r in rows])
+    fig = _figure(10.0, 7.0)
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (name, ylabel, lines, log) in zip(axes, _NC_PANELS):
+        for i, (key, label) in enumerate(lines):
+            vals = np.array([float(r.get(key, np.nan)) for r in rows])
+            finite = np.flatnonzero(np.isfinite(vals))
+            if not finite.size:
+                continue
+            last = finite[-1]
+            ax.plot(epochs, vals, marker="o" if len(rows) <= 30 else None, ms=3, lw=1.5,
+                    color=OOD_COLOURS[i - 1] if i else ID_COLOUR,
+                    label=f"{label}: {vals[last]:.3g} at epoch {epochs[last]:g}")
+        if log:
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            shown = np.array([float(r.get(k, np.nan)) for r in rows for k, _ in lines])
+            shown = shown[np.isfinite(shown) & (shown > 0)]
+            # within about a decade there are too few major ticks: label the minor ones too, as plain numbers
+            narrow = shown.size and np.log10(shown.max() / shown.min()) < 1.5
+            ax.yaxis.set_minor_formatter(plain if narrow else NullFormatter())
+        else:
+            ax.set_ylim(bottom=0.0)
+        ax.set(title=name, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3, which="both" if log else "major")
+        if ax.get_lines():
+            ax.legend(fontsize="small", loc="upper right")
+    fig.suptitle(f"{title} (lower = more collapse)")
     return fig

@@ -331,13 +331,20 @@ def _load_resume(uri: str, fingerprint: Dict[str, Any]) -> Optional[Dict[str, An
 def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], cfg: TrainConfig, *,
                      seed: int, device: Union[str, torch.device],
                      on_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
-                     resume_uri: Optional[str] = None, input_format: Any = None) -> List[Dict[str, float]]:
+                     resume_uri: Optional[str] = None, input_format: Any = None,
+                     probe: Optional[Callable[[nn.Module], Dict[str, float]]] = None) -> List[Dict[str, float]]:
     """Train ``model`` in place on ``train_set``; return one dict per epoch (resumed ones included).
 
     Each dict has ``epoch`` (1-based), ``train_loss`` (mean training criterion, with label
     smoothing), ``train_acc`` (in train mode, as the batches went by), ``val_loss`` (plain
     cross entropy) and ``val_acc`` (NaN without a validation set), ``lr`` (the rate of the
     epoch's first step) and ``time_s``. ``on_epoch`` is called with each new epoch's dict.
+
+    ``probe``: measurements of the model after each epoch's validation (the neural-collapse diagnostics,
+    :class:`ood_core.neural_collapse.CollapseProbe`); the floats it returns join that epoch's row (and the
+    resume checkpoint's history). It must neither change the model nor draw from the global random state,
+    so that it leaves the weights as they would be without it; its time is not in ``time_s`` (it reports
+    its own).
 
     ``resume_uri``: path / URI of the resume checkpoint (see the module docstring); it is left in
     place at the end (the caller removes it once the final checkpoint is saved).
@@ -432,6 +439,8 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
                    "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr_now,
                    "time_s": time.perf_counter() - start}
+            if probe is not None:
+                row.update({k: float(v) for k, v in probe(model).items()})
             history.append(row)
             if val_loader is not None and val["acc"] > best_acc:
                 best_acc = val["acc"]

@@ -66,3 +66,13 @@ def log_layer_analysis(tracker: Tracker, parent: str, plan) -> None:
                   if any(beats_final_layer(r[k], final[k]) for k in r if k.startswith("auroc/"))]
         print(f"[layers] {bb.label}: {len(rows) - 1} layers analysed; better than the final layer and than chance "
               f"on some OOD set: {', '.join(better) or 'none'}", flush=True)
+
+
+def log_collapse_curves(tracker: Tracker, run_id: str, title: str, history: Sequence[Dict]) -> bool:
+    """NC1-NC4 over the epochs of a training run (``neural_collapse.png``); False when its history has none."""
+    from ood_core.plots import neural_collapse_figure
+
+    if not any("nc1" in row for row in history):
+        return False
+    tracker.log_figure(run_id, neural_collapse_figure(history, f"{title}: neural collapse"), "neural_collapse.png")
+    return True

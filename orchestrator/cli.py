@@ -1,11 +1,10 @@
-"""Command line: ``python -m orchestrator {sweep,validate,ui,report} ...``."""
+"""Command line: ``python -m orchestrator {sweep,validate,ui,report,features} ...``."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import re
-import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -27,6 +26,10 @@ examples:
   python -m orchestrator sweep sweeps/quickstart.yaml
   python -m orchestrator ui sweeps/quickstart.yaml        # then open http://127.0.0.1:5000
   python -m orchestrator report sweeps/quickstart.yaml
+  python -m orchestrator features sweeps/quickstart.yaml --json features.json
+
+ui, report and features find the sweep's files as sweep does: a relative storage or tracking_uri (the default
+sqlite:///mlflow.db included) against the current folder; run them from the folder the sweep ran in.
 
 exit codes: 0 ok; 1 the sweep finished but some searches failed (one line each); 2 a problem with the
 config, the data, a checkpoint, the storage or the tracking store (one line on stderr, also when it
@@ -53,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000)
     r = sub.add_parser("report", help="print the results table of the latest finished sweep from MLflow")
     r.add_argument("config", help="sweep YAML file")
+    f = sub.add_parser("features", help="list the sweep's feature files (backbone, data set, split, rows, columns, "
+                                        "path) and checkpoints, without running anything")
+    f.add_argument("config", help="sweep YAML file")
+    f.add_argument("--json", metavar="PATH", help="also write the listing to PATH as JSON (for code: the paths "
+                                                  "to read with ood_core.feature_store.read_features)")
     return p
 
 
@@ -105,7 +113,9 @@ def cmd_sweep(args) -> int:
     if not sys.stdout.isatty():  # a log file: Ray's worker lines without their colour codes
         sys.stdout, sys.stderr = _PlainText(sys.stdout), _PlainText(sys.stderr)
     runner = SweepRunner(cfg, text)  # storage and tracking store checked (seconds), then planned: before any work
-    runner.ui_command = f"python -m orchestrator ui {shlex.quote(args.config)}"
+    from orchestrator import locations
+
+    runner.ui_command = locations.ui_command(args.config, cfg)
     rows = runner.run(wait=args.wait)
     if args.json:
         Path(args.json).write_text(json.dumps({"sweep": cfg.name, "sweep_seconds": runner.seconds,
@@ -118,34 +128,70 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    uri = None
-    if args.config:
-        cfg, _ = _load(args.config)
-        uri = cfg.resolved_tracking_uri()
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    from orchestrator.locations import require_store, tracking_store
+
+    store = tracking_store(_load(args.config)[0].tracking_uri if args.config else None)
+    if store.uri.split(":", 1)[0].lower() in ("http", "https"):
+        raise UserError(f"{store.origin} {store.uri} is an MLflow tracking server: open it in a browser "
+                        "(ui serves local stores)")
+    require_store(store)  # never an empty store created by the UI
+    uri = store.absolute_uri
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {store.where} ({uri}) on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    if args.config:
+        page = _sweep_page(uri, _load(args.config)[0].name)
+        if page:
+            print(f"this sweep's runs: http://127.0.0.1:{args.port}/{page}", flush=True)
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover
+
+
+def _sweep_page(uri: str, experiment: str) -> str:
+    """The UI's page of a sweep's runs (the classic runs view, not MLflow 3's GenAI view), or ``""``."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - the UI serves the store anyway
+        return ""
+    return f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" if exp else ""
 
 
 def cmd_report(args) -> int:
     from orchestrator.results import latest_rows
     from orchestrator.report import format_table
 
-    cfg, _ = _load(args.config)
-    uri = cfg.resolved_tracking_uri()
-    if uri.startswith(("http://", "https://")):  # a server that does not answer: seconds, not minutes of retries
-        from orchestrator.preflight import check_tracking, tracking_setting
+    from orchestrator.locations import config_store, require_store
 
-        check_tracking(uri, tracking_setting(cfg.tracking_uri))
-    rows = latest_rows(uri, cfg.name)
+    cfg, _ = _load(args.config)
+    store = config_store(cfg)
+    require_store(store)  # a local store that is not there: said, never created; a server: seconds, not retries
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the table alone on the terminal
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Updating database tables" lines
+    rows = latest_rows(store.absolute_uri, cfg.name, where=f"{store.where} ({store.setting})")
     print(format_table(rows))
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "validate": cmd_validate, "ui": cmd_ui, "report": cmd_report}
+def cmd_features(args) -> int:
+    from orchestrator.locations import format_files, sweep_files
+
+    cfg, _ = _load(args.config)
+    if args.json:  # refused now, not after the listing
+        target = Path(args.json).expanduser().resolve()
+        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+            raise UserError(f"--json: cannot write {args.json} (the folder {target.parent} is missing or not "
+                            "writable, or the path is a folder)")
+    listing = sweep_files(cfg)
+    print(format_files(listing))
+    if args.json:
+        Path(args.json).write_text(json.dumps(listing, indent=1))
+    return 0
+
+
+COMMANDS = {"sweep": cmd_sweep, "validate": cmd_validate, "ui": cmd_ui, "report": cmd_report,
+            "features": cmd_features}
 
 
 def _ray_initialized() -> bool:

@@ -116,6 +116,18 @@ class TrainSection(_Strict):
     crop_padding: int = Field(4, ge=0, le=512)
     amp: bool = True
     num_workers: int = Field(0, ge=0, le=256)
+    #: NC1-NC4 (Papyan, Han & Donoho 2020) after every epoch on this many ID training images (a fixed,
+    #: class-stratified sample; 0 = off). A diagnostic: it changes the logged history, never the weights, so it
+    #: is kept out of ``model_dump()`` and with it out of the checkpoint's cache key (changing it reuses the
+    #: trained checkpoint, whose curves are those it was trained with) and out of ``TrainConfig``.
+    neural_collapse_samples: int = Field(1000, ge=0, le=1_000_000, exclude=True)
+
+    @field_validator("neural_collapse_samples")
+    @classmethod
+    def _nc_samples(cls, n):
+        if n == 1:
+            raise ValueError("must be 0 (off) or at least 2 (neural collapse compares classes)")
+        return n
 
     @field_validator("recipe")
     @classmethod

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import pandas as pd
 
@@ -26,8 +26,19 @@ def trial_run_name(detector: str, params: Dict) -> str:
     return f"{detector} {format_params(params)}" if params else detector
 
 
+#: the columns a reader looks for first, in this order; then the other metrics, then identifiers
+LEADING_COLUMNS = ("backbone", "detector", "selected", "val_auroc", "near/auroc", "near/fpr95", "far/auroc",
+                   "far/fpr95", "id_accuracy")
+
+
+def _is_metric_column(name: str) -> bool:
+    return name.startswith(("val_", "near/", "far/", "test/", "nc1", "nc2", "nc3", "nc4", "nc5"))
+
+
 def results_frame(rows: Iterable[Dict]) -> pd.DataFrame:
-    """Rows as a flat frame (selected hyperparameters and failed trials as JSON) for CSV / Parquet artifacts."""
+    """Rows as a flat frame for the CSV / Parquet artifacts: who and what was selected, then the metrics (the
+    table's first, then every other), then identifiers and bookkeeping; selected hyperparameters and failed
+    trials as JSON."""
     flat = []
     for row in rows:
         r = {k: v for k, v in row.items() if not k.startswith("_")}
@@ -35,7 +46,12 @@ def results_frame(rows: Iterable[Dict]) -> pd.DataFrame:
         r["failed_trials"] = json.dumps([{k: t[k] for k in ("params", "reason")} for t in r.get("failed_trials") or []],
                                         default=str)
         flat.append(r)
-    return pd.DataFrame(flat)
+    frame = pd.DataFrame(flat)
+    leading = [c for c in LEADING_COLUMNS if c in frame.columns]
+    metrics = sorted((c for c in frame.columns if _is_metric_column(c) and c not in leading),
+                     key=lambda c: (not c.startswith("val_"), c.startswith("test/"), c.startswith("nc"), c))
+    rest = [c for c in frame.columns if c not in leading and c not in metrics]
+    return frame[leading + metrics + rest]
 
 
 def _failed_trials(row: Dict) -> List[Dict]:
@@ -125,9 +141,8 @@ def format_seed_table(summary: Sequence[Dict], metric_groups: Sequence[str] = ("
     return "\n".join([render(headers), "  ".join("-" * w for w in widths)] + [render(b) for b in body])
 
 
-def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"), optimistic: bool = False) -> str:
-    """A plain-text table: per detector the selected hyperparameters, AUROC and FPR@95 per OOD group;
-    then mean ± std over seeds when a backbone was trained with several."""
+def table_cells(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far")) -> Tuple[List[str], List[List[str]]]:
+    """Headers and cells of the results table (metrics in %), shared by the terminal and the summary page."""
     headers = ["backbone", "detector", "selected", "trials", "val AUROC"]
     for g in metric_groups:
         headers += [f"{g} AUROC", f"{g} FPR95"]
@@ -138,12 +153,26 @@ def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "
         for g in metric_groups:
             line += [_pct(row.get(f"{g}/auroc")), _pct(row.get(f"{g}/fpr95"))]
         body.append(line)
+    return headers, body
+
+
+def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"), optimistic: bool = False) -> str:
+    """A plain-text table: per detector the selected hyperparameters, AUROC and FPR@95 per OOD group;
+    then mean ± std over seeds when a backbone was trained with several."""
+    headers, body = table_cells(rows, metric_groups)
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
 
     def render(cells):
         return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     lines = [render(headers), "  ".join("-" * w for w in widths)] + [render(b) for b in body]
+    return "\n".join(lines + table_footer(rows, metric_groups, optimistic))
+
+
+def table_footer(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"),
+                 optimistic: bool = False) -> List[str]:
+    """The lines under the results table: ID test accuracy, mean ± std over seeds, units, problems."""
+    lines: List[str] = []
     accs = {}
     for row in rows:
         if "id_accuracy" in row:
@@ -162,8 +191,40 @@ def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "
     if optimistic:
         lines.append("OPTIMISTIC: an OOD validation set is also a test set (data.allow_val_test_overlap); "
                      "these test figures saw their own data during selection.")
-    return "\n".join(lines)
+    return lines
 
 
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * float(v):.2f}"
+
+
+#: the neural-collapse values shown per backbone: (key, column header)
+COLLAPSE_COLUMNS = (("nc1", "NC1"), ("nc2_equinorm", "NC2 norm"), ("nc2_equiangularity", "NC2 angle"),
+                    ("nc3", "NC3"), ("nc4", "NC4"), ("nc5", "NC5"))
+
+
+def add_collapse(rows: Sequence[Dict], values: Dict[str, Dict[str, float]]) -> None:
+    """Put each backbone's final neural-collapse values (``SweepRunner.neural_collapse``: ``{backbone label:
+    {"nc1": ..., "nc5/<set>": ...}}``) on its result rows, so that results.csv / .parquet hold them next to
+    the detector metrics of the same backbone."""
+    for row in rows:
+        row.update(values.get(row["backbone"], {}))
+
+
+def format_collapse(values: Dict[str, Dict[str, float]]) -> str:
+    """Lines for under the results table: one per backbone with NC1-NC4 of its ID training features and NC5
+    against the OOD validation sets pooled and one by one (Papyan, Han & Donoho 2020; NC5: Ammar et al. 2024);
+    empty when there are none."""
+    if not values:
+        return ""
+    sets = list(dict.fromkeys(k for v in values.values() for k in v if k.startswith("nc5/")))
+    columns = list(COLLAPSE_COLUMNS) + [(k, f"NC5 {k.split('/', 1)[1]}") for k in sets]
+    headers = ["backbone"] + [h for _, h in columns]
+    show = lambda v: "-" if v is None or v != v else f"{float(v):.3g}"  # noqa: E731 - NaN as "-"
+    body = [[bb] + [show(v.get(k)) for k, _ in columns] for bb, v in values.items()]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+    render = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                     for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join(["Neural collapse of the ID training features (0 = full collapse; NC5: |cos| of the class means "
+                      "with the OOD val mean):",
+                      render(headers), "  ".join("-" * w for w in widths)] + [render(b) for b in body])

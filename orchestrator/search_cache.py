@@ -78,3 +78,39 @@ def save(storage: str, key: str, trials: List[Dict], selected: int) -> None:
     record = {"key": key, "trials": trials, "selected": selected}
     with st.atomic_output(paths(storage, key)["json"], record_hash=True) as f:
         f.write(json.dumps(record, default=float).encode())
+
+
+# ---------------------------------------------------------------- per-backbone analyses (neural collapse, ...)
+
+def analysis_key(kind: str, feature_keys: List[str], backbone_key: str) -> str:
+    """The key of an analysis (``kind``) of one backbone's cached features: what it reads, nothing else."""
+    return content_key({"v": 1, "analysis": kind, "features": sorted(feature_keys), "backbone": backbone_key})
+
+
+def analysis_path(storage: str, key: str) -> str:
+    return join_uri(storage, "analysis", f"{key}.json")
+
+
+def load_analysis(storage: str, key: str, label: str) -> Optional[Dict]:
+    """A cached analysis result, or None (absent; damaged: set aside and said, then computed again)."""
+    from ood_core import storage as st
+
+    uri = analysis_path(storage, key)
+    check = st.verify_cached(uri, "analysis record", redo="computing again")
+    if check.note and check.status != "unhashed":
+        print(f"[analysis] {label}: {check.note}", flush=True)
+    if not check.ok:
+        return None
+    try:
+        return json.loads(st.read_bytes(uri).decode())["values"]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        print(f"[analysis] {label}: " + st.discard_cached(uri, "analysis record", f"unreadable: {type(exc).__name__}",
+                                                           "computing again"), flush=True)
+        return None
+
+
+def save_analysis(storage: str, key: str, values: Dict) -> None:
+    from ood_core import storage as st
+
+    with st.atomic_output(analysis_path(storage, key), record_hash=True) as f:
+        f.write(json.dumps({"key": key, "values": values}, default=float).encode())

@@ -10,14 +10,15 @@ import json
 import os
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Dict, List
 
 from orchestrator import artifacts, report, search_cache
 from orchestrator.config import SweepConfig, val_test_overlap
 from orchestrator.errors import UserError
+from orchestrator.locations import absolute_storage
 from orchestrator.interrupts import POLL_S, latched_sigint, raise_if_interrupted
 from orchestrator.plan import BackbonePlan, SweepPlan, check_inputs, content_key, join_uri, make_plan, outlier_jobs
+from orchestrator.summary import ordered_figures, summary_html
 from orchestrator.tracking import Tracker, flatten
 from tasks.evaluate import is_test_metric
 from tasks.progress import driver_progress, tell_workers
@@ -25,10 +26,6 @@ from tasks.progress import driver_progress, tell_workers
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def absolute_storage(uri: str) -> str:
-    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
 def init_ray() -> None:
@@ -150,6 +147,8 @@ class SweepRunner:
         remote = ray.remote(train_backbone).options(num_cpus=res.cpus_per_task, num_gpus=res.gpus_per_task,
                                                     max_retries=res.max_retries)
         id_data = {"dataset": cfg.data.id.dataset, "params": cfg.data.id.params, "seed": cfg.seed}
+        # not in the plan's train section (nor the cache key): it changes the logged history, not the weights
+        nc_samples = {b.name: b.train.neural_collapse_samples for b in cfg.backbones}
         results: Dict[str, Dict] = {}
         pending = {}
         for bb in plan.backbones:
@@ -159,8 +158,6 @@ class SweepRunner:
                     _state, meta = load_checkpoint(bb.checkpoint_uri)
                     results[bb.key] = {"key": bb.key, "history": meta.get("history", []), "cached": True,
                                        "sha256": check.sha256, "seconds": 0.0}
-                    if "train_seconds" in meta:
-                        results[bb.key]["train_seconds"] = meta["train_seconds"]
                     _say(f"[train] {bb.label}: reusing cached checkpoint {bb.key}")
                     continue
                 except CheckpointError as exc:  # intact bytes that do not load: set aside too
@@ -170,7 +167,8 @@ class SweepRunner:
                 _say(f"[train] {bb.label}: {check.note}")
             _say(f"[train] {bb.label}: training {bb.arch} for {bb.train['epochs']} epochs")
             self._ray()
-            pending[bb.key] = remote.remote(_bb_dict(bb), plan.num_classes, plan.input_format, id_data)
+            pending[bb.key] = remote.remote({**_bb_dict(bb), "neural_collapse_samples": nc_samples[bb.name]},
+                                            plan.num_classes, plan.input_format, id_data)
         for key, value in zip(pending, ray_get(list(pending.values()))):
             results[key] = value
         for bb in plan.backbones:
@@ -183,15 +181,68 @@ class SweepRunner:
             with tracker.closing(rid):
                 tracker.log(rid, params={"arch": bb.arch, "seed": bb.seed, "backbone_key": bb.key,
                                          **{f"params.{k}": v for k, v in bb.params.items()},
-                                         **{f"train.{k}": v for k, v in bb.train.items()}},
+                                         **{f"train.{k}": v for k, v in bb.train.items()},
+                                         "train.neural_collapse_samples": nc_samples[bb.name]},
                             tags={"cached": str(r["cached"]).lower(), "checkpoint_sha256": r["sha256"]},
-                            # a cached checkpoint: how long the training that wrote it took, where it says
-                            metrics={"train_seconds": r["train_seconds"]} if r["cached"] and "train_seconds" in r
-                            else {} if r["cached"] else {"train_seconds": r["seconds"]})
+                            metrics={} if r["cached"] else {"train_seconds": r["seconds"]})  # cached: no training
                 tracker.log_history(rid, r["history"])
+                if not artifacts.log_collapse_curves(tracker, rid, f"train {bb.name} ({bb.arch}) seed {bb.seed}",
+                                                     r["history"]) and nc_samples[bb.name] and r["history"]:
+                    _say(f"[train] {bb.label}: no neural-collapse curves: its cached checkpoint was trained without "
+                         f"them (delete {bb.checkpoint_uri} to retrain with them)")
                 if self._local(bb.checkpoint_uri):
                     tracker.log_artifact(rid, bb.checkpoint_uri, "checkpoint")
         return results
+
+    def neural_collapse(self, tracker: Tracker = None, parent: str = None) -> Dict[str, Dict[str, float]]:
+        """Final neural-collapse values per backbone label from the cached features (a Ray task each:
+        :func:`tasks.analysis.neural_collapse_analysis`, its result cached under ``<storage>/analysis/``): NC1-NC4 on ID train, NC5 against each OOD validation set
+        and pooled. Skipped with one line when the sweep does not extract ``penultimate``; a backbone whose values
+        cannot be computed (a ``ValueError`` of the diagnostics) gets one line and no values (a diagnostic does not
+        fail the sweep). With ``tracker``,
+        logged on the sweep run ``parent``: the table ``neural_collapse.csv`` and metrics
+        ``neural_collapse.<backbone>.<key>``."""
+        import ray
+
+        from tasks.analysis import neural_collapse_analysis
+
+        todo = [bb for bb in self.plan.backbones if "penultimate" in bb.columns]
+        if not todo:
+            _say("[collapse] skipped: the sweep does not extract 'penultimate' (add it to extract.layers)")
+            return {}
+        values: Dict[str, Dict[str, float]] = {}
+        keys = {bb.label: search_cache.analysis_key("neural_collapse", [f.key for f in bb.features], bb.key)
+                for bb in todo}
+        for bb in todo:  # cached by the features it reads: a rerun starts no Ray for it
+            found = search_cache.load_analysis(self.cfg.storage, keys[bb.label], bb.label)
+            if found is not None:
+                values[bb.label] = found
+        todo = [bb for bb in todo if bb.label not in values]
+        if todo:
+            self._ray()
+            res = self.cfg.resources
+            remote = ray.remote(neural_collapse_analysis).options(num_cpus=res.cpus_per_task,
+                                                                  max_retries=res.max_retries)
+            refs = {bb.label: remote.remote({f.dataset.label: {"uri": f.uri, "role": f.dataset.role}
+                                             for f in bb.features}, bb.checkpoint_uri, bb.columns) for bb in todo}
+            for label, ref in refs.items():
+                try:
+                    values[label] = ray_get([ref])[0]
+                except ray.exceptions.RayTaskError as exc:
+                    if not isinstance(getattr(exc, "cause", None), ValueError):  # an internal fault: its traceback
+                        raise
+                    _say(f"[collapse] {label}: not computed: {_task_failure(exc)}")  # e.g. non-finite features
+                    continue
+                search_cache.save_analysis(self.cfg.storage, keys[label], values[label])
+        values = {bb.label: values[bb.label] for bb in self.plan.backbones if bb.label in values}  # plan order
+        if tracker is not None and values:
+            import pandas as pd
+
+            tracker.log_table(parent, pd.DataFrame([{"backbone": k, **v} for k, v in values.items()]),
+                              "neural_collapse")
+            tracker.log(parent, metrics={f"neural_collapse.{bb}.{k}": v for bb, vals in values.items()
+                                         for k, v in vals.items()})
+        return values
 
     def extract(self) -> None:
         import ray
@@ -555,6 +606,8 @@ class SweepRunner:
             rows = self.search(tracker, parent)  # then "test" and "report"
             raise_if_interrupted()
             artifacts.log_layer_analysis(tracker, parent, self.plan)
+            collapse = self.neural_collapse(tracker, parent)
+            report.add_collapse(rows, collapse)  # columns of results.csv too
             frame = report.results_frame(rows)
             tracker.log_table(parent, frame, "results")
             summary = report.seed_summary(rows)
@@ -580,8 +633,15 @@ class SweepRunner:
                               "failed_searches": str(len(self.failures)),
                               **({"problems": "\n".join(flagged)[:5000]} if flagged else {}),
                               "collapsed_backbones": ",".join(sorted({r["backbone"] for r in rows if r["at_chance"]}))})
+            tracker.log_text(parent, summary_html(cfg.name, rows, stages=stages, optimistic=bool(overlap),
+                                                  sweep_seconds=time.perf_counter() - started,
+                                                  config_text=self.config_text,
+                                                  blocks=[report.format_collapse(collapse)] if collapse else [],
+                                                  figures=ordered_figures(tracker.figures.get(parent, {}))), "summary.html")
         _say("")
         _say(report.format_table(rows, metric_groups=("near", "far"), optimistic=bool(overlap)))
+        if collapse:
+            _say("\n" + report.format_collapse(collapse))
         self.seconds = time.perf_counter() - started
         _say(f"\n[sweep] done in {self.seconds:.1f} s ({self.clock.line()}); browse with: {self.ui_command}")
         return rows

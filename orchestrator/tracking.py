@@ -3,10 +3,10 @@
 Layout of a sweep in MLflow::
 
     <sweep name> (experiment)
-    └── sweep run                 resolved config, results table, figures, summary metrics
+    └── sweep run                 resolved config, results table, figures, summary metrics, summary.html
         ├── train <backbone>      per-epoch loss / accuracy, checkpoint, its sha256
         └── <detector> @ <bb>     selected hyperparameters, val + test metrics, ROC / histogram figures
-            └── trial runs        one per Tune trial: parameters, val and test metrics
+            └── trial runs        one per Tune trial: parameters, validation metrics
 """
 from __future__ import annotations
 
@@ -88,6 +88,10 @@ class _StoreClient:
         return lambda *a, **k: store_call(lambda: attr(*a, **k), self._uri)
 
 
+#: the experiment tag MLflow 3's UI reads to choose its view, and the value of the classic runs / metrics view
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+
+
 class Tracker:
     """Thin wrapper over :class:`MlflowClient` for one sweep's runs."""
 
@@ -98,11 +102,19 @@ class Tracker:
             self.client = _StoreClient(store_call(lambda: MlflowClient(tracking_uri), tracking_uri), tracking_uri)
             self.experiment_id = store_call(lambda: self._experiment_id(experiment), tracking_uri)
         self.experiment = experiment
+        #: PNG bytes of the figures logged through this tracker, per run (for the summary page)
+        self.figures: Dict[str, Dict[str, bytes]] = {}
 
     def _experiment_id(self, name: str) -> str:
         """The experiment's id, created when absent (a concurrent creation makes the retry find it)."""
         exp = self.client._client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else self.client._client.create_experiment(name)
+        if exp is None:
+            # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts, an assistant);
+            # a sweep is model development: runs, metrics, artifacts
+            return self.client._client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created by an older ood-sweep or by hand
+            self.client._client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+        return exp.experiment_id
 
     # -- runs --------------------------------------------------------------------------
     def start_run(self, name: str, parent: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
@@ -179,7 +191,17 @@ class Tracker:
             self.client.log_batch(run_id, metrics=ms[i:i + 900])
 
     def log_figure(self, run_id: str, figure, name: str) -> None:
-        self.client.log_figure(run_id, figure, name)
+        """A matplotlib figure as the PNG artifact ``name`` (rendered once; kept in :attr:`figures`)."""
+        import io
+
+        buf = io.BytesIO()
+        figure.savefig(buf, format="png")
+        png = self.figures.setdefault(run_id, {})[name] = buf.getvalue()
+        folder, base = os.path.split(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, base), "wb") as fh:
+                fh.write(png)
+            self.client.log_artifact(run_id, os.path.join(tmp, base), folder or None)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)

@@ -1,4 +1,5 @@
-"""Ray task: the per-layer energy analysis of one backbone from its cached features."""
+"""Ray tasks reading one backbone's cached features: the per-layer energy analysis and the final neural-collapse
+values."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -30,3 +31,25 @@ def per_layer_analysis(sets: Dict[str, Dict], energy_columns: List[str]) -> List
         names, id_val, ood_val, id_test = names[:-1], id_val[:, :-1], ood_val[:, :-1], id_test[:, :-1]
         ood_test = {k: v[:, :-1] for k, v in ood_test.items()}
     return per_layer_table(names, id_val, ood_val, id_test, ood_test)
+
+
+def neural_collapse_analysis(sets: Dict[str, Dict], checkpoint_uri: str, columns: List[str]) -> Dict[str, float]:
+    """Final neural-collapse values of one trained backbone from its cached features
+    (:func:`ood_core.neural_collapse.collapse_summary`): NC1-NC4 on the whole ID training set, NC5 against each
+    OOD validation set (``nc5/<set>``) and against them pooled (``nc5``). The test sets are not read.
+
+    ``sets``: label -> {"uri", "role"} as in a trial context; ``columns``: the extracted columns (``penultimate``
+    is needed; without ``logits`` NC4 uses the head's output, which is the same in eval mode). The head
+    ``(W, b)`` comes from the checkpoint at ``checkpoint_uri``.
+    """
+    from ood_core.checkpoints import load_checkpoint
+    from ood_core.feature_store import read_features
+    from ood_core.neural_collapse import collapse_summary
+
+    state, _meta = load_checkpoint(checkpoint_uri)
+    train_uri = next(e["uri"] for e in sets.values() if e["role"] == "id_train")
+    train = read_features(train_uri, columns=["penultimate"] + (["logits"] if "logits" in columns else []))
+    ood = {label: read_features(e["uri"], columns=["penultimate"]).columns["penultimate"]
+           for label, e in sets.items() if e["role"] == "ood_val"}
+    return collapse_summary(train.columns["penultimate"], train.labels, w=state["head.weight"], b=state["head.bias"],
+                            logits=train.columns.get("logits"), ood_sets=ood)

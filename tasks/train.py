@@ -11,7 +11,9 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
     """Train ``backbone`` on the ID training split and save its checkpoint.
 
     ``backbone``: a plan entry (key, arch, params, train, seed, checkpoint_uri, label, and optionally
-    ``checkpoint``: a user checkpoint to load instead of training). Returns ``{"key", "sha256",
+    ``checkpoint``: a user checkpoint to load instead of training; ``neural_collapse_samples``: NC1-NC4 after
+    every epoch on that many ID training images, 0 = off, see :class:`ood_core.neural_collapse.CollapseProbe`:
+    they join the history as ``nc1`` ... ``nc4`` and ``nc_seconds``). Returns ``{"key", "sha256",
     "history", "cached", "seconds"}`` (plus ``source_checkpoint``, ``source_sha256`` and
     ``evaluation`` (ID val loss / accuracy) for a user checkpoint). A checkpoint at ``checkpoint_uri``
     whose content matches its recorded sha256 (``<checkpoint_uri>.sha256``) and that loads is reused:
@@ -32,7 +34,7 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
             _state, meta = load_checkpoint(uri)
             out = {"key": backbone["key"], "sha256": check.sha256,
                    "history": meta.get("history", []), "cached": True, "seconds": 0.0}
-            for k in ("source_checkpoint", "source_sha256", "evaluation", "train_seconds"):
+            for k in ("source_checkpoint", "source_sha256", "evaluation"):
                 if k in meta:
                     out[k] = meta[k]
             return out
@@ -62,21 +64,29 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
 
     train_set = load_dataset(id_data["dataset"], split="train", fmt=f, seed=id_data["seed"], **id_data["params"])
     train = dict(backbone["train"])
+    nc_samples = int(train.pop("neural_collapse_samples", backbone.get("neural_collapse_samples", 0)) or 0)
     cfg = make_train_config(train.pop("recipe", None), **train)
     resume_uri = backbone["checkpoint_uri"] + ".resume"
+    probe = None
+    if nc_samples:  # NC1-NC4 per epoch on a subset fixed by the sweep's seed: the same images for every backbone
+        from ood_core.neural_collapse import CollapseProbe
+
+        probe = CollapseProbe(train_set, nc_samples, seed=id_data["seed"], batch_size=max(256, cfg.batch_size))
 
     from tasks.progress import worker_progress
 
     bar = worker_progress(cfg.epochs, f"train {backbone['label']}", "epochs")
 
     def on_epoch(row):
-        bar.set_description(f"train {backbone['label']} val_acc={row['val_acc']:.3f}")
+        nc = f" nc1={row['nc1']:.3g}" if "nc1" in row else ""
+        bar.set_description(f"train {backbone['label']} val_acc={row['val_acc']:.3f}{nc}")
         bar.update(1)
 
     history = train_classifier(model, train_set, val_set, cfg, seed=backbone["seed"], device=device,
-                               on_epoch=on_epoch, resume_uri=resume_uri, input_format=f)
+                               on_epoch=on_epoch, resume_uri=resume_uri, input_format=f, probe=probe)
     bar.close()
-    meta.update(history=history, train_seconds=time.perf_counter() - start)
+    # no timings in the checkpoint (equal cache keys mean equal bytes): nc_seconds stays in the logged history
+    meta["history"] = [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in history]
     sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta, record_hash=True)
     storage.remove(resume_uri)
     return {"key": backbone["key"], "sha256": sha, "history": history, "cached": False,

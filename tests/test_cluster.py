@@ -192,8 +192,8 @@ def test_multi_node_sweep_survives_lost_nodes_in_every_stage(tmp_path, mlflow_se
     keys = [i.path[len(root) + 1:] for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
             if i.type == pafs.FileType.File]
     assert sum(k.startswith("checkpoints/") for k in keys) == 2, keys  # the checkpoint and its .sha256 record
-    assert sum(k.startswith("features/") for k in keys) == 2 * 9
-    assert sum(k.startswith("search/") for k in keys) == 2 * 2 * 3
+    assert sum(k.startswith("features/") for k in keys) == 2 * 9, keys  # each feature file and its .sha256
+    assert sum(k.startswith("search/") for k in keys) == 2 * 2 * 3, keys
     assert any(k.startswith("tune/") and "experiment_state" in k for k in keys)
     assert not any(".tmp-" in k or k.endswith(".resume") for k in keys)
     assert not (tmp_path / "store").exists()  # the refused and the shared-mount configs wrote nothing

@@ -81,7 +81,7 @@ def test_parquet_features_open_with_pandas(first_sweep):
         assert "conv2" in meta["ood_sweep.layers"]
 
 
-def test_mlflow_nested_runs_and_artifacts(first_sweep):
+def test_mlflow_nested_runs_and_artifacts(first_sweep, tmp_path):
     _, _, cfg, _ = first_sweep
     client, runs = _runs(cfg.tracking_uri, "e2e")
     by_id = {r.info.run_id: r for r in runs}
@@ -103,7 +103,12 @@ def test_mlflow_nested_runs_and_artifacts(first_sweep):
             assert not any(k.startswith("test/") for k in r.data.metrics)
             assert any(k.startswith("test/") for k in by_id[parent].data.metrics)
     names = {a.path for a in client.list_artifacts(sweep.info.run_id)}
-    assert {"results.csv", "results.parquet", "config", "roc_cnn-s0.png", "detector_comparison.png"} <= names
+    assert {"results.csv", "results.parquet", "config", "roc_cnn-s0.png", "detector_comparison.png",
+            "summary.html"} <= names
+    page = client.download_artifacts(sweep.info.run_id, "summary.html", str(tmp_path))
+    page = open(page).read()
+    assert page.count("<tr>") == 1 + 4 and page.count("data:image/png;base64,") >= 2  # table, comparison, ROC grid
+    assert page.index("detector_comparison.png") < page.index("roc_cnn-s0.png")
     assert sweep.data.tags["optimistic"] == "false"
     train = next(r for r in runs if r.data.tags["stage"] == "train")
     assert len(client.get_metric_history(train.info.run_id, "val_acc")) == 6
