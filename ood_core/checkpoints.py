@@ -166,7 +166,9 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, sourc
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "state", "weights")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
-_HEAD_ALIASES = ("fc.", "linear.", "classifier.")
+_HEAD_ALIASES = ("fc.", "linear.", "classifier.", "heads.head.")  # heads.head: torchvision's ViT
+#: other foreign module names -> ours: torchvision's Swin ``features`` is ``body`` in ood_core (``features`` is a method)
+_MODULE_ALIASES = (("features.", "body."),)
 
 
 def _tensor_dict(obj: Any) -> bool:
@@ -192,7 +194,10 @@ def _unwrap(payload: Any, uri: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
 
 def _rename(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Map foreign key names onto the model's: strip DataParallel / compile prefixes, name the
-    classifier ``head``, fill missing batch-norm ``num_batches_tracked`` counters."""
+    classifier ``head`` (``fc`` / ``linear`` / ``classifier`` / torchvision ViT's ``heads.head``), map
+    :data:`_MODULE_ALIASES`, fill missing batch-norm ``num_batches_tracked`` counters. A key is only renamed
+    when its own name is not the model's and the new name is, so a checkpoint that does not fit still fails
+    with the keys that differ."""
     out: Dict[str, torch.Tensor] = {}
     for key, value in state.items():
         k = key
@@ -206,6 +211,11 @@ def _rename(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) 
             for alias in _HEAD_ALIASES:
                 if k.startswith(alias) and "head." + k[len(alias):] in own:
                     k = "head." + k[len(alias):]
+                    break
+        if k not in own:
+            for theirs, mine in _MODULE_ALIASES:
+                if k.startswith(theirs) and mine + k[len(theirs):] in own:
+                    k = mine + k[len(theirs):]
                     break
         out[k] = value
     for k, v in own.items():

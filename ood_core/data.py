@@ -19,6 +19,8 @@ arrays             ``cifar10``, ``cifar100``, ``svhn``, ``mnist``, ``fashionmnis
                    (:mod:`ood_core.datasets.arrays`; lazy uint8, OpenOOD v1.5 splits)
 image files        ``textures``, ``places365``, ``tinyimagenet``, ``lsun_crop``, ``lsun_resize``,
                    ``isun``, ``image_folder`` (:mod:`ood_core.datasets.folders`; decoded on access)
+OpenOOD lists      ``openood_cifar10``, ``openood_cifar100``, ``openood_imagenet200``, ``openood_imagenet1k``
+                   (:mod:`ood_core.datasets.openood`; OpenOOD v1.5's image lists, ``set`` picks one)
 =================  ========================================================================
 
 Real sets take ``root`` (default ``$OOD_SWEEP_DATA``, else ``~/.ood_sweep/data``),
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ood_core.datasets import arrays, folders
+from ood_core.datasets import arrays, folders, openood
 from ood_core.datasets.base import (DEFAULT_FRACTIONS, LUMA_601, SPLITS, ArrayImageDataset, DataMissingError,
                                     DatasetEntry, FileImageDataset, InputFormat, data_root, resize, to_format,
                                     to_gray)
@@ -224,3 +226,10 @@ register(DatasetEntry("tinyimagenet", folders.build_tinyimagenet, labelled=True,
 register(DatasetEntry("image_folder", folders.build_image_folder, labelled=True,
                       description="any local folder of images: one sub-folder per class, or flat (unlabelled)",
                       check=folders.check_image_folder, split_params=("fractions", "layout")))
+
+for _bench, (_build, _check) in openood.BUILDERS.items():
+    _b = openood.CATALOGUE[_bench]
+    register(DatasetEntry(openood.dataset_name(_bench), _build, labelled=True,
+                          description=f"OpenOOD v1.5 {_bench} image lists (benchmark_imglist/{_b.folder}/); "
+                                      f"set: {', '.join(_b.sets)}",
+                          default_format=_b.fmt, num_classes=_b.num_classes, check=_check, split_params=("set",)))

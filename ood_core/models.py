@@ -15,6 +15,10 @@ hooks (:mod:`ood_core.hooks`) address layers by their dotted module path.
 =====================  ===========================================================================
 ``small_cnn``          the quickstart's conv net (128-d)
 ``resnet18``           ResNet18 for 32x32 inputs: 3x3 stem, no max-pool, 512-d (the default; OpenOOD v1.5)
+``resnet18_32x32``     the same network under OpenOOD's name: its ``best.ckpt`` files load as they are
+``resnet18_224x224``   OpenOOD's ImageNet-200 ResNet18 (torchvision keys, 224x224 inputs, no resizing)
+``vit_b_16``           torchvision's ViT-B/16 (768-d class token; weights file as the checkpoint)
+``swin_t``             torchvision's Swin-T (768-d; weights file as the checkpoint)
 ``resnet34``           ResNet34 for 32x32 inputs (LA-OOD), 512-d
 ``vgg16``              VGG16-BN for 32x32 inputs (LA-OOD), 512-d
 ``densenet100``        DenseNet-BC-100, growth 12 (ODIN / Mahalanobis / LA-OOD), 342-d
@@ -41,6 +45,7 @@ from ood_core.backbones.imagenet import (WeightsMissingError, load_pretrained_st
                                          resnet50_imagenet)
 from ood_core.backbones.resnet_cifar import resnet18, resnet34
 from ood_core.backbones.small_cnn import SmallCNN, small_cnn
+from ood_core.backbones.torchvision_nets import resnet18_224x224, swin_t, vit_b_16
 from ood_core.backbones.vgg import vgg16
 from ood_core.backbones.wrn import wrn40_2
 
@@ -58,6 +63,11 @@ ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
     "wrn40_2": wrn40_2,
     "resnet18_imagenet": resnet18_imagenet,
     "resnet50_imagenet": resnet50_imagenet,
+    # OpenOOD v1.5's networks (Zhang et al. 2023): its checkpoints and torchvision's weights files load as they are
+    "resnet18_32x32": resnet18,
+    "resnet18_224x224": resnet18_224x224,
+    "vit_b_16": vit_b_16,
+    "swin_t": swin_t,
 }
 
 

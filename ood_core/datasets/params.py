@@ -55,6 +55,8 @@ _CHECKS: Dict[str, Callable[[str, str, Any], None]] = {
     "root": _non_empty_str,
     "download": _bool,
     "exclude_wnids": _str_list,
+    "set": _non_empty_str,  # OpenOOD benchmarks: which list (checked against the catalogue by the builder)
+    "pre_size": lambda name, key, v: check_count(name, key, v, minimum=1),
 }
 
 #: data sets with no train split (their builders refuse it)
