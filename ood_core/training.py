@@ -1,7 +1,8 @@
 """Supervised training of a backbone classifier (plain function: no Ray, no MLflow).
 
-:func:`train_classifier` runs SGD (momentum, optionally Nesterov, weight decay) on cross entropy
-(with optional label smoothing) under a learning-rate schedule:
+:func:`train_classifier` runs SGD (momentum, optionally Nesterov, weight decay) on a training objective
+(:mod:`ood_core.objectives`: cross entropy with optional label smoothing by default; LogitNorm, outlier
+exposure, energy regularisation of the logits or of intermediate layers) under a learning-rate schedule:
 
 * ``cosine``: ``lr_t = min_lr + (lr - min_lr) (1 + cos(pi t / T)) / 2`` with ``t`` counting optimizer
   steps (OpenOOD's per-step cosine annealing); ``cosine_epoch``: the same per epoch;
@@ -45,6 +46,7 @@ from ood_core import storage
 from ood_core.augment import AUGMENTATIONS, BatchAugment
 from ood_core.datasets.base import ArrayImageDataset, to_format
 from ood_core.errors import TrainingDivergedError
+from ood_core.objectives import check_layers, make_objective, objective_loss
 
 SCHEDULES = ("cosine", "cosine_epoch", "multistep", "constant")
 RESUME_FORMAT = "ood-sweep-resume"
@@ -70,9 +72,16 @@ class TrainConfig:
     crop_padding: int = 4
     amp: bool = True
     num_workers: int = 0
+    #: the training objective (:mod:`ood_core.objectives`): ``{"name": ..., **params}``, a name, or None
+    #: (cross entropy); normalised to the dict with every parameter filled in
+    objective: Any = None
 
     def __post_init__(self) -> None:
         problems = []
+        try:
+            self.objective = make_objective(self.objective).to_dict()
+        except ValueError as exc:
+            problems.append(f"objective: {exc}")
         if int(self.epochs) != self.epochs or self.epochs < 1:
             problems.append(f"epochs must be a positive integer, got {self.epochs}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
@@ -114,6 +123,8 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, object]:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
+        if d["objective"] == {"name": "cross_entropy"}:
+            del d["objective"]  # the default, left out as the sweep's train section leaves it out (stable keys)
         return d
 
 
@@ -215,6 +226,12 @@ def _loader(ds: Dataset, batch_size: int, cfg: TrainConfig, device: torch.device
     return DataLoader(ds, batch_size=batch_size, shuffle=generator is not None, generator=generator,
                       num_workers=cfg.num_workers, pin_memory=cuda, drop_last=False,
                       persistent_workers=cfg.num_workers > 0)
+
+
+def _cycle(loader):
+    """The loader's batches, starting over (a fresh shuffle) when it runs out."""
+    while True:
+        yield from loader
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, cuda: bool):
@@ -332,7 +349,8 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
                      seed: int, device: Union[str, torch.device],
                      on_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
                      resume_uri: Optional[str] = None, input_format: Any = None,
-                     probe: Optional[Callable[[nn.Module], Dict[str, float]]] = None) -> List[Dict[str, float]]:
+                     probe: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
+                     outlier_set: Optional[Dataset] = None) -> List[Dict[str, float]]:
     """Train ``model`` in place on ``train_set``; return one dict per epoch (resumed ones included).
 
     Each dict has ``epoch`` (1-based), ``train_loss`` (mean training criterion, with label
@@ -351,6 +369,12 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
     ``input_format``: the :class:`~ood_core.data.InputFormat` (or its dict) of the batches, for
     augmentations that need raw pixels; default ``train_set.fmt`` when it has one.
 
+    ``cfg.objective`` picks the loss (:mod:`ood_core.objectives`). The objectives that train on auxiliary
+    outliers need ``outlier_set`` (labels ignored): every ID batch is paired with a batch of ``batch_size``
+    outliers (augmented like the ID batch) and both go through one forward pass. The outliers are reshuffled
+    every epoch by their own generator seeded from ``seed`` (cycled when there are fewer than an epoch needs),
+    so a resumed run sees the same pairs.
+
     At the end ``model`` holds the weights of the epoch with the best validation accuracy
     (the earliest on ties; the last epoch without a validation set), is on ``device`` in
     eval mode. Raises :class:`~ood_core.errors.TrainingDivergedError` (a ``FloatingPointError``) if the
@@ -359,6 +383,13 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
     if len(train_set) == 0:
         raise ValueError("train_classifier: the training set is empty")
     _check_labels(train_set)
+    objective = make_objective(cfg.objective)
+    if objective.needs_outliers and (outlier_set is None or len(outlier_set) == 0):
+        raise ValueError(f"train_classifier: objective {objective.name!r} trains on auxiliary outliers; "
+                         "pass a non-empty outlier_set")
+    if not objective.needs_outliers:
+        outlier_set = None
+    check_layers(model, objective)
     device = torch.device(device)
     cuda = device.type == "cuda"
     use_amp = bool(cfg.amp and cuda)
@@ -372,13 +403,14 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
     augment = BatchAugment(cfg.augment, mean=mean, std=std, padding=cfg.crop_padding, generator=aug_gen)
     train_loader = _loader(train_set, cfg.batch_size, cfg, device, shuffle_gen)
     val_loader = _loader(val_set, max(256, cfg.batch_size), cfg, device, None) if val_set is not None else None
+    outlier_gen = torch.Generator().manual_seed(_derived_seed(seed, 3)) if outlier_set is not None else None
+    outlier_loader = _loader(outlier_set, cfg.batch_size, cfg, device, outlier_gen) if outlier_set is not None else None
 
     # fused on CUDA: one kernel for the whole update, and the AMP scaler's inf check needs no host sync
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, len(train_loader)))
     per_step = cfg.schedule == "cosine"
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     history: List[Dict[str, float]] = []
@@ -397,6 +429,8 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
             rng = resumed["rng"]
             shuffle_gen.set_state(rng["shuffle"])
             aug_gen.set_state(rng["augment"])
+            if outlier_gen is not None:
+                outlier_gen.set_state(rng["outliers"])
             torch.set_rng_state(rng["torch"])
             if cuda and rng.get("cuda") is not None:
                 torch.cuda.set_rng_state(rng["cuda"], device)
@@ -411,14 +445,18 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = 0
+            outliers = _cycle(outlier_loader) if outlier_loader is not None else None
             for x, y in train_loader:
                 x, y = _to_device(x, y, device, cuda)
                 x = augment(x)
+                x_out = None
+                if outliers is not None:
+                    x_out, _ = _to_device(*next(outliers), device, cuda)
+                    x_out = augment(x_out)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                    logits = model(x)
-                    loss = criterion(logits, y)
+                    loss, logits = objective_loss(model, objective, x, y, x_out, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -451,6 +489,7 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
                     "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "rng": {"shuffle": shuffle_gen.get_state(), "augment": aug_gen.get_state(),
+                            **({"outliers": outlier_gen.get_state()} if outlier_gen is not None else {}),
                             "torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state(device) if cuda else None},
                     "history": history, "best_acc": best_acc, "best_state": best_state})

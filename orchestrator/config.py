@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from orchestrator.errors import ConfigError
 
@@ -96,6 +97,45 @@ class DataConfig(_Strict):
     allow_val_test_overlap: bool = False
 
 
+class ObjectiveSection(_Strict):
+    """The training objective (``ood_core.objectives``; formulas, papers and defaults there): ``name`` and the
+    parameters that objective takes (``lambda``, ``tau``, ``m_in``, ``m_out``, ``layers``); unset ones take their
+    paper's default. Dumped as the full parameter set of ``name``, so the cache key names every value used."""
+
+    name: Literal["cross_entropy", "logitnorm", "outlier_exposure", "energy_regularised",
+                  "intermediate_energy"] = "cross_entropy"
+    lambda_: Optional[float] = Field(None, alias="lambda")
+    tau: Optional[float] = None
+    m_in: Optional[float] = None
+    m_out: Optional[float] = None
+    layers: Optional[List[str]] = None
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    def spec(self) -> Dict[str, Any]:
+        given = {"lambda": self.lambda_, "tau": self.tau, "m_in": self.m_in, "m_out": self.m_out, "layers": self.layers}
+        return {"name": self.name, **{k: v for k, v in given.items() if v is not None}}
+
+    @model_validator(mode="after")
+    def _check(self):
+        from ood_core.objectives import make_objective
+
+        make_objective(self.spec())  # ValueError naming the parameter
+        return self
+
+    @model_serializer(mode="plain")
+    def _dump(self) -> Dict[str, Any]:
+        from ood_core.objectives import make_objective
+
+        return make_objective(self.spec()).to_dict()
+
+    @property
+    def needs_outliers(self) -> bool:
+        from ood_core.objectives import NEEDS_OUTLIERS
+
+        return self.name in NEEDS_OUTLIERS
+
+
 class TrainSection(_Strict):
     """Training settings (mirrors ``ood_core.training.TrainConfig``). ``recipe`` names one of
     ``ood_core.training.RECIPES``; its values fill every field the file does not set."""
@@ -121,6 +161,21 @@ class TrainSection(_Strict):
     #: is kept out of ``model_dump()`` and with it out of the checkpoint's cache key (changing it reuses the
     #: trained checkpoint, whose curves are those it was trained with) and out of ``TrainConfig``.
     neural_collapse_samples: int = Field(1000, ge=0, le=1_000_000, exclude=True)
+    #: the loss (a name, or ``{name, lambda / tau / m_in / m_out / layers}``); cross entropy by default, which is
+    #: left out of ``model_dump()`` so that the cache keys of cross-entropy backbones are those they always were
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_name(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_serializer(mode="wrap")
+    def _drop_default_objective(self, handler):
+        out = handler(self)
+        if isinstance(out, dict) and out.get("objective") == {"name": "cross_entropy"}:
+            del out["objective"]
+        return out
 
     @field_validator("neural_collapse_samples")
     @classmethod

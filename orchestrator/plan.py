@@ -2,7 +2,8 @@
 
 A key is the sha256 of the canonical JSON of everything that determines a stage's output:
 
-* backbone  = arch + params + training section + seed + ID data set and input format
+* backbone  = arch + params + training section (its objective, and the auxiliary outliers when the objective
+              trains on them) + seed + ID data set and input format
 * features  = backbone key + data set (name, split, params, seed) + extracted layers
 
 so re-running a sweep reuses what is finished and a changed setting recomputes exactly what
@@ -261,6 +262,32 @@ def outlier_jobs(cfg: SweepConfig) -> List[DataSetJob]:
             for ds in cfg.data.outliers]
 
 
+def train_section(cfg: SweepConfig, bb: BackboneConfig) -> Dict:
+    """The backbone's train section as the train task and the cache key see it: the objective is in it (left out
+    for plain cross entropy, so older keys stand), and for an objective that trains on auxiliary outliers so are the
+    ``data.outliers`` sets (``outliers``: their specs), refused here, before any compute, when there are none."""
+    train = bb.train.model_dump()
+    objective = bb.train.objective
+    if objective.needs_outliers and not bb.checkpoint:
+        if not cfg.data.outliers:
+            i = next(i for i, b in enumerate(cfg.backbones) if b is bb)
+            raise ConfigError(f"backbones[{i}].train.objective.name: {objective.name} trains on auxiliary outliers; "
+                              "list them in data.outliers (disjoint from every OOD validation and test set)")
+        train["outliers"] = [job.spec() for job in outlier_jobs(cfg)]
+    return train
+
+
+def check_objective_layers(cfg: SweepConfig, bb: BackboneConfig, model) -> None:
+    """The layers an ``intermediate_energy`` objective names are modules of the backbone (ConfigError if not)."""
+    layers = bb.train.objective.layers or []
+    names = {n for n, _ in model.named_modules() if n}
+    missing = [l for l in layers if l not in names]
+    if missing:
+        i = next(i for i, b in enumerate(cfg.backbones) if b is bb)
+        raise ConfigError(f"backbones[{i}].train.objective.layers: {bb.arch} has no module {missing[0]!r}; "
+                          f"modules include {sorted(names)[:20]}")
+
+
 def backbone_key(cfg: SweepConfig, bb: BackboneConfig, seed: int, fmt) -> str:
     """Key of a trained backbone; a user checkpoint enters by its path and content hash."""
     source = None
@@ -272,7 +299,7 @@ def backbone_key(cfg: SweepConfig, bb: BackboneConfig, seed: int, fmt) -> str:
             raise ConfigError(f"backbones: checkpoint {bb.checkpoint!r} does not exist")
         source = {"uri": bb.checkpoint, "sha256": sha256_bytes(storage.read_bytes(bb.checkpoint))}
     return content_key({
-        "v": TRAIN_VERSION, "arch": bb.arch, "params": bb.params, "train": bb.train.model_dump(),
+        "v": TRAIN_VERSION, "arch": bb.arch, "params": bb.params, "train": train_section(cfg, bb),
         "seed": seed, "id": {"dataset": cfg.data.id.dataset, "params": cfg.data.id.params, "split_seed": cfg.seed},
         "format": fmt.__dict__, **({"checkpoint": source} if source else {}),
     })
@@ -320,6 +347,7 @@ def make_plan(cfg: SweepConfig) -> SweepPlan:
     backbones = []
     for i, bb in enumerate(cfg.backbones):
         model = _build(cfg, i, fmt, num_classes)
+        check_objective_layers(cfg, bb, model)
         layers = _layers(cfg, model, bb.arch)
         _check_detector_layers(cfg, [_column(l) for l in layers], bb.arch)
         widths = column_widths(model, [LayerSpec(**l) for l in layers], (fmt.channels, fmt.image_size, fmt.image_size))
@@ -328,7 +356,7 @@ def make_plan(cfg: SweepConfig) -> SweepPlan:
             key = backbone_key(cfg, bb, seed, fmt)
             plan = BackbonePlan(
                 name=bb.name, seed=seed, key=key, arch=bb.arch, params=dict(bb.params), checkpoint=bb.checkpoint,
-                train=bb.train.model_dump(), checkpoint_uri=join_uri(cfg.storage, "checkpoints", f"{key}.pt"),
+                train=train_section(cfg, bb), checkpoint_uri=join_uri(cfg.storage, "checkpoints", f"{key}.pt"),
                 layers=layers, widths=widths, searches=searches,
             )
             for job in jobs:

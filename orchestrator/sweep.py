@@ -183,7 +183,8 @@ class SweepRunner:
                                          **{f"params.{k}": v for k, v in bb.params.items()},
                                          **{f"train.{k}": v for k, v in bb.train.items()},
                                          "train.neural_collapse_samples": nc_samples[bb.name]},
-                            tags={"cached": str(r["cached"]).lower(), "checkpoint_sha256": r["sha256"]},
+                            tags={"cached": str(r["cached"]).lower(), "checkpoint_sha256": r["sha256"],
+                                  "objective": (bb.train.get("objective") or {"name": "cross_entropy"})["name"]},
                             metrics={} if r["cached"] else {"train_seconds": r["seconds"]})  # cached: no training
                 tracker.log_history(rid, r["history"])
                 if not artifacts.log_collapse_curves(tracker, rid, f"train {bb.name} ({bb.arch}) seed {bb.seed}",

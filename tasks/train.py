@@ -7,11 +7,23 @@ from typing import Dict
 from tasks.runtime import input_format, setup_worker
 
 
+def _load_outliers(specs, fmt):
+    """The auxiliary outlier sets (``data.outliers``, as the plan put them in the train section), concatenated;
+    only objectives that train on outliers get them (their labels are ignored)."""
+    from torch.utils.data import ConcatDataset
+
+    from ood_core.data import load_dataset
+
+    sets = [load_dataset(s["dataset"], split=s["split"], fmt=fmt, seed=s["seed"], **s["params"]) for s in specs]
+    return sets[0] if len(sets) == 1 else ConcatDataset(sets)
+
+
 def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -> Dict:
     """Train ``backbone`` on the ID training split and save its checkpoint.
 
     ``backbone``: a plan entry (key, arch, params, train, seed, checkpoint_uri, label, and optionally
-    ``checkpoint``: a user checkpoint to load instead of training; ``neural_collapse_samples``: NC1-NC4 after
+    ``checkpoint``: a user checkpoint to load instead of training; ``train["outliers"]``: the auxiliary outlier
+    data sets an objective that needs them trains on (see ``orchestrator.plan.train_section``); ``neural_collapse_samples``: NC1-NC4 after
     every epoch on that many ID training images, 0 = off, see :class:`ood_core.neural_collapse.CollapseProbe`:
     they join the history as ``nc1`` ... ``nc4`` and ``nc_seconds``). Returns ``{"key", "sha256",
     "history", "cached", "seconds"}`` (plus ``source_checkpoint``, ``source_sha256`` and
@@ -65,7 +77,9 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
     train_set = load_dataset(id_data["dataset"], split="train", fmt=f, seed=id_data["seed"], **id_data["params"])
     train = dict(backbone["train"])
     nc_samples = int(train.pop("neural_collapse_samples", backbone.get("neural_collapse_samples", 0)) or 0)
+    outlier_specs = train.pop("outliers", [])
     cfg = make_train_config(train.pop("recipe", None), **train)
+    outlier_set = _load_outliers(outlier_specs, f) if outlier_specs else None
     resume_uri = backbone["checkpoint_uri"] + ".resume"
     probe = None
     if nc_samples:  # NC1-NC4 per epoch on a subset fixed by the sweep's seed: the same images for every backbone
@@ -83,7 +97,8 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
         bar.update(1)
 
     history = train_classifier(model, train_set, val_set, cfg, seed=backbone["seed"], device=device,
-                               on_epoch=on_epoch, resume_uri=resume_uri, input_format=f, probe=probe)
+                               on_epoch=on_epoch, resume_uri=resume_uri, input_format=f, probe=probe,
+                               outlier_set=outlier_set)
     bar.close()
     # no timings in the checkpoint (equal cache keys mean equal bytes): nc_seconds stays in the logged history
     meta["history"] = [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in history]
