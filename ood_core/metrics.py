@@ -7,9 +7,15 @@
 * ``fpr_at_tpr`` (FPR@95): the classic definition (Hendrycks & Gimpel 2017; Liang et al. 2018):
   take the smallest threshold ``t`` such that accepting ``score <= t`` keeps at least ``tpr`` (95%) of
   the ID samples; report the fraction of OOD samples accepted at ``t`` (OOD with ``score <= t``).
-  OpenOOD (v1.5) reports the reverse convention: OOD is the positive class, so its number is the
-  fraction of *ID* samples flagged at the threshold that detects 95% of the OOD samples. The two
-  differ; compare numbers only under the same definition.
+  Key ``fpr95``.
+* ``fpr_at_tpr_openood`` (FPR@95 as OpenOOD v1.5 computes it, Zhang, Yang, Wang et al. 2023;
+  ``openood/evaluators/metrics.py``, ``auc_and_fpr_recall``): OOD is the positive class;
+  ``roc_curve(ood_indicator, -conf)`` (scikit-learn's default ``drop_intermediate=True``), then the FPR at the
+  first ROC point whose TPR is ``>= 0.95``: the fraction of *ID* samples flagged as OOD (``score >= t``) at the
+  largest threshold ``t`` that flags at least 95% of the OOD samples. Key ``fpr95_openood``. Its ``conf`` is
+  "higher = more ID", our score is its negation, so ``-conf`` there is our score as is.
+  The two differ (they are the same only when the ID and OOD score distributions are mirror images); compare
+  numbers only under the same definition, never one in place of the other.
 
 Average precision and AUROC come from scikit-learn (step-wise AP, no interpolation). All functions
 accept numpy arrays, torch tensors or sequences; scores are compared in float64.
@@ -21,7 +27,8 @@ from typing import Dict
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-__all__ = ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "ood_metrics", "accuracy", "as_numpy"]
+__all__ = ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "fpr_at_tpr_openood", "ood_metrics", "accuracy", "as_numpy",
+           "FPR_DEFINITIONS"]
 
 
 def as_numpy(x, dtype=np.float64) -> np.ndarray:
@@ -83,13 +90,33 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
     return float(fpr_id[i])
 
 
+def fpr_at_tpr_openood(id_scores, ood_scores, tpr: float = 0.95) -> float:
+    """OpenOOD v1.5's FPR@95: fraction of ID samples flagged (``score >= t``) at the first ROC point (OOD
+    positive, scikit-learn's default ``drop_intermediate=True``, as OpenOOD calls it) that flags ``>= tpr`` of
+    the OOD samples. Not :func:`fpr_at_tpr` (that one counts OOD accepted at 95% of ID kept)."""
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    y, s = _labelled(id_scores, ood_scores)
+    fpr_ood, tpr_ood, _ = roc_curve(y, s)
+    return float(fpr_ood[int(np.argmax(tpr_ood >= tpr))])
+
+
+#: the FPR@95 metric keys and what each counts (tables and MLflow name them by these keys)
+FPR_DEFINITIONS = {
+    "fpr95": "OOD accepted at the threshold that keeps 95% of ID",
+    "fpr95_openood": "ID rejected at the threshold that flags 95% of OOD (OpenOOD v1.5)",
+}
+
+
 def ood_metrics(id_scores, ood_scores) -> Dict[str, float]:
-    """``{"auroc", "aupr_in", "aupr_out", "fpr95"}`` for one (ID, OOD) pair of score arrays."""
+    """``{"auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood"}`` for one (ID, OOD) pair of score arrays
+    (both FPR@95 definitions, see :data:`FPR_DEFINITIONS`)."""
     return {
         "auroc": auroc(id_scores, ood_scores),
         "aupr_in": aupr_in(id_scores, ood_scores),
         "aupr_out": aupr_out(id_scores, ood_scores),
         "fpr95": fpr_at_tpr(id_scores, ood_scores, 0.95),
+        "fpr95_openood": fpr_at_tpr_openood(id_scores, ood_scores, 0.95),
     }
 
 

@@ -17,7 +17,8 @@ from sklearn.metrics import roc_curve
 from .metrics import as_numpy, auroc
 
 __all__ = ["roc_figure", "score_histogram_figure", "per_layer_auroc_figure", "beats_final_layer", "roc_grid_figure",
-           "detector_comparison_figure", "exit_layer_figure", "neural_collapse_figure", "ID_COLOUR", "OOD_COLOURS"]
+           "detector_comparison_figure", "exit_layer_figure", "delta_bars_figure", "neural_collapse_figure",
+           "ID_COLOUR", "OOD_COLOURS"]
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -283,4 +284,22 @@ def neural_collapse_figure(history: Sequence[Mapping], title: str = "Neural coll
         if ax.get_lines():
             ax.legend(fontsize="small", loc="upper right")
     fig.suptitle(f"{title} (lower = more collapse)")
+    return fig
+
+
+def delta_bars_figure(labels: Sequence[str], series: Mapping[str, Sequence[Optional[float]]], title: str,
+                      ylabel: str) -> Figure:
+    """Grouped bars of differences around a zero line: one group per label, one bar per series (missing
+    values: no bar), e.g. reproduced − reported AUROC per method for near and far OOD."""
+    fig = _figure(max(6.0, 0.6 * len(labels) + 2), 3.8)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j, v in enumerate(values) if v is not None]
+        ax.bar(xs, [v for v in values if v is not None], width=width, label=name)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(range(len(labels))), list(labels), rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     return fig

@@ -254,7 +254,8 @@ class DetectorConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    metric: Literal["auroc", "aupr_in", "aupr_out", "fpr95"] = "auroc"
+    #: fpr95: OOD accepted at 95% ID TPR; fpr95_openood: OpenOOD v1.5's, ID rejected at 95% OOD TPR
+    metric: Literal["auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood"] = "auroc"
     num_samples: int = Field(1, ge=1, le=100_000)
     max_concurrent_trials: int = Field(2, ge=1, le=10_000)
     #: basic: grids crossed, random domains sampled (Tune's variant generator); optuna: TPE per detector
@@ -265,7 +266,7 @@ class SearchConfig(_Strict):
 
     @property
     def mode(self) -> str:
-        return "min" if self.metric == "fpr95" else "max"
+        return "min" if self.metric in ("fpr95", "fpr95_openood") else "max"
 
 
 class ResourcesConfig(_Strict):
@@ -273,6 +274,30 @@ class ResourcesConfig(_Strict):
     gpus_per_trial: float = Field(0, ge=0, le=64)
     cpus_per_task: float = Field(1, gt=0, le=1024)
     max_retries: int = Field(2, ge=0, le=100)
+
+
+class ReportConfig(_Strict):
+    """What the sweep reports besides its own results."""
+
+    #: which FPR@95 the results table shows (both are computed and logged): ``fpr95`` (OOD accepted at the
+    #: threshold keeping 95% of ID) or ``fpr95_openood`` (OpenOOD v1.5's: ID rejected at 95% of OOD flagged)
+    fpr95: Literal["fpr95", "fpr95_openood"] = "fpr95"
+    #: an OpenOOD leaderboard CSV (its leaderboard branch's ``results/<benchmark>.csv``): the reported numbers
+    #: set beside ours per method (``orchestrator.leaderboard``); read before any compute
+    leaderboard: Optional[str] = None
+    #: the leaderboard's ``Training`` value of the rows to compare with (OpenOOD's post-hoc methods on
+    #: cross-entropy networks)
+    leaderboard_training: str = "CrossEntropy"
+
+    @field_validator("leaderboard")
+    @classmethod
+    def _readable_leaderboard(cls, uri):
+        """Read (and parse) it now, so that a missing or malformed file stops the sweep before any compute."""
+        if uri is not None:
+            from orchestrator.leaderboard import read_leaderboard
+
+            read_leaderboard(uri)
+        return uri
 
 
 class SweepConfig(_Strict):
@@ -288,6 +313,7 @@ class SweepConfig(_Strict):
     detectors: List[DetectorConfig] = Field(min_length=1)
     search: SearchConfig = Field(default_factory=SearchConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     def resolved_tracking_uri(self) -> str:
         """Config value, else ``MLFLOW_TRACKING_URI``, else MLflow's default sqlite store."""

@@ -26,6 +26,20 @@ def trial_run_name(detector: str, params: Dict) -> str:
     return f"{detector} {format_params(params)}" if params else detector
 
 
+#: the FPR@95 metric keys a table can show (``report.fpr95`` of the sweep file) and their column names; both are
+#: computed and logged (``ood_core.metrics.FPR_DEFINITIONS``), the table names the one it shows
+FPR_HEADERS = {"fpr95": "FPR95", "fpr95_openood": "OpenOOD FPR95"}
+FPR_NOTES = {"fpr95": "FPR95 = OOD accepted at the threshold that keeps 95% of ID (lower is better)",
+             "fpr95_openood": "OpenOOD FPR95 = ID rejected at the threshold that flags 95% of OOD, OpenOOD v1.5's "
+                              "definition (lower is better)"}
+
+
+def _fpr_key(fpr: str) -> str:
+    if fpr not in FPR_HEADERS:
+        raise ValueError(f"fpr must be one of {sorted(FPR_HEADERS)}, got {fpr!r}")
+    return fpr
+
+
 #: the columns a reader looks for first, in this order; then the other metrics, then identifiers
 LEADING_COLUMNS = ("backbone", "detector", "selected", "val_auroc", "near/auroc", "near/fpr95", "far/auroc",
                    "far/fpr95", "id_accuracy")
@@ -100,7 +114,7 @@ def summary_metrics(rows: Iterable[Dict]) -> Dict[str, float]:
     return out
 
 
-def seed_summary(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far")) -> List[Dict]:
+def seed_summary(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"), fpr: str = "fpr95") -> List[Dict]:
     """Mean and standard deviation over backbone seeds, per (backbone name, detector).
 
     Rows carry ``backbone_name`` (the backbone without its ``-s<seed>`` suffix); groups with a single
@@ -117,7 +131,7 @@ def seed_summary(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "
         if len(members) < 2:
             continue
         entry = {"backbone": name, "detector": det, "seeds": len(members)}
-        for key in ["val_auroc"] + [f"{g}/{m}" for g in metric_groups for m in ("auroc", "fpr95")]:
+        for key in ["val_auroc"] + [f"{g}/{m}" for g in metric_groups for m in ("auroc", _fpr_key(fpr))]:
             values = [m[key] for m in members if m.get(key) is not None]
             if values:
                 entry[key] = (float(np.mean(values)), float(np.std(values, ddof=1)))
@@ -125,13 +139,14 @@ def seed_summary(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "
     return out
 
 
-def format_seed_table(summary: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far")) -> str:
-    headers = ["backbone", "detector", "seeds"] + [f"{g} {m}" for g in metric_groups for m in ("AUROC", "FPR95")]
+def format_seed_table(summary: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"), fpr: str = "fpr95") -> str:
+    headers = ["backbone", "detector", "seeds"] + [f"{g} {m}" for g in metric_groups
+                                                   for m in ("AUROC", FPR_HEADERS[_fpr_key(fpr)])]
     body = []
     for e in summary:
         line = [e["backbone"], e["detector"], str(e["seeds"])]
         for g in metric_groups:
-            for m in ("auroc", "fpr95"):
+            for m in ("auroc", fpr):
                 v = e.get(f"{g}/{m}")
                 line.append("-" if v is None else f"{100 * v[0]:.2f} ± {100 * v[1]:.2f}")
         body.append(line)
@@ -141,36 +156,39 @@ def format_seed_table(summary: Sequence[Dict], metric_groups: Sequence[str] = ("
     return "\n".join([render(headers), "  ".join("-" * w for w in widths)] + [render(b) for b in body])
 
 
-def table_cells(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far")) -> Tuple[List[str], List[List[str]]]:
-    """Headers and cells of the results table (metrics in %), shared by the terminal and the summary page."""
+def table_cells(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"),
+                fpr: str = "fpr95") -> Tuple[List[str], List[List[str]]]:
+    """Headers and cells of the results table (metrics in %), shared by the terminal and the summary page;
+    ``fpr`` picks the FPR@95 definition shown (:data:`FPR_HEADERS`), named in its column header."""
     headers = ["backbone", "detector", "selected", "trials", "val AUROC"]
     for g in metric_groups:
-        headers += [f"{g} AUROC", f"{g} FPR95"]
+        headers += [f"{g} AUROC", f"{g} {FPR_HEADERS[_fpr_key(fpr)]}"]
     body: List[List[str]] = []
     for row in rows:
         selected = "FAILED" if row.get("failed") else format_params(row.get("selected", {}))
         line = [row["backbone"], row["detector"], selected, trials_cell(row), _pct(row.get("val_auroc"))]
         for g in metric_groups:
-            line += [_pct(row.get(f"{g}/auroc")), _pct(row.get(f"{g}/fpr95"))]
+            line += [_pct(row.get(f"{g}/auroc")), _pct(row.get(f"{g}/{fpr}"))]
         body.append(line)
     return headers, body
 
 
-def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"), optimistic: bool = False) -> str:
+def format_table(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"), optimistic: bool = False,
+                 fpr: str = "fpr95") -> str:
     """A plain-text table: per detector the selected hyperparameters, AUROC and FPR@95 per OOD group;
     then mean ± std over seeds when a backbone was trained with several."""
-    headers, body = table_cells(rows, metric_groups)
+    headers, body = table_cells(rows, metric_groups, fpr)
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
 
     def render(cells):
         return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     lines = [render(headers), "  ".join("-" * w for w in widths)] + [render(b) for b in body]
-    return "\n".join(lines + table_footer(rows, metric_groups, optimistic))
+    return "\n".join(lines + table_footer(rows, metric_groups, optimistic, fpr))
 
 
 def table_footer(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"),
-                 optimistic: bool = False) -> List[str]:
+                 optimistic: bool = False, fpr: str = "fpr95") -> List[str]:
     """The lines under the results table: ID test accuracy, mean ± std over seeds, units, problems."""
     lines: List[str] = []
     accs = {}
@@ -180,11 +198,11 @@ def table_footer(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "
     if accs:
         lines.append("")
         lines.append("ID test accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accs.items()))
-    summary = seed_summary(rows, metric_groups)
+    summary = seed_summary(rows, metric_groups, fpr)
     if summary:
         lines += ["", "Mean ± std over seeds (test metrics of each seed's selected configuration):",
-                  format_seed_table(summary, metric_groups)]
-    lines.append("AUROC / FPR95 in %; FPR95 = OOD accepted at the threshold that keeps 95% of ID (lower is better).")
+                  format_seed_table(summary, metric_groups, fpr)]
+    lines.append(f"AUROC / {FPR_HEADERS[fpr]} in %; {FPR_NOTES[fpr]}.")
     flagged = problems(rows)
     if flagged:
         lines += ["", "Problems:"] + [f"  ! {line}" for line in flagged]

@@ -38,9 +38,9 @@ def _best_cells(headers: Sequence[str], body: Sequence[Sequence[str]]) -> set:
     return best
 
 
-def results_html(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far")) -> str:
+def results_html(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "far"), fpr: str = "fpr95") -> str:
     """The results table as HTML, the best value of each metric column in bold."""
-    headers, body = report.table_cells(rows, metric_groups)
+    headers, body = report.table_cells(rows, metric_groups, fpr=fpr)
     best = _best_cells(headers, body)
     out = ["<div class='scroll'><table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"]
     for i, cells in enumerate(body):
@@ -59,12 +59,12 @@ def results_html(rows: Sequence[Dict], metric_groups: Sequence[str] = ("near", "
 
 def summary_html(name: str, rows: Sequence[Dict], *, stages: Mapping[str, float], sweep_seconds: float,
                  config_text: str, figures: Mapping[str, bytes], optimistic: bool = False,
-                 metric_groups: Sequence[str] = ("near", "far"), blocks: Sequence[str] = ()) -> str:
+                 metric_groups: Sequence[str] = ("near", "far"), blocks: Sequence[str] = (), fpr: str = "fpr95") -> str:
     """The page: title, table, notes under it, ``blocks`` (preformatted text such as the neural-collapse table),
     problems, seconds per stage, figures (PNG, embedded), sweep file."""
     e = html.escape
     flagged = report.problems(rows)
-    notes = [line for line in report.table_footer(rows, metric_groups, optimistic)
+    notes = [line for line in report.table_footer(rows, metric_groups, optimistic, fpr=fpr)
              if line and line != "Problems:" and not line.startswith("  ! ")]
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sweep {e(name)}</title>",
              f"<style>{_STYLE}</style></head><body>",
@@ -72,7 +72,7 @@ def summary_html(name: str, rows: Sequence[Dict], *, stages: Mapping[str, float]
              f"<p>{len(rows)} (backbone, detector) results; the selected configuration of each was chosen on the "
              "validation sets only; the AUROC / FPR95 columns are its test metrics, averaged over the sets of each "
              "group. Best value per column in bold.</p>",
-             results_html(rows, metric_groups)]
+             results_html(rows, metric_groups, fpr)]
     parts.append("<pre>" + e("\n".join(notes)) + "</pre>")
     parts += ["<pre>" + e(text) + "</pre>" for text in blocks]
     if flagged:

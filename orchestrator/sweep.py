@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Dict, List
 
-from orchestrator import artifacts, report, search_cache
+from orchestrator import artifacts, leaderboard, report, search_cache
 from orchestrator.config import SweepConfig, val_test_overlap
 from orchestrator.errors import UserError
 from orchestrator.locations import absolute_storage
@@ -611,14 +611,16 @@ class SweepRunner:
             report.add_collapse(rows, collapse)  # columns of results.csv too
             frame = report.results_frame(rows)
             tracker.log_table(parent, frame, "results")
-            summary = report.seed_summary(rows)
+            fpr = cfg.report.fpr95
+            summary = report.seed_summary(rows, fpr=fpr)
             if summary:
-                tracker.log_text(parent, report.format_seed_table(summary), "results_over_seeds.txt")
+                tracker.log_text(parent, report.format_seed_table(summary, fpr=fpr), "results_over_seeds.txt")
             from ood_core.plots import detector_comparison_figure
 
             scored = [r for r in rows if not r.get("failed")]
             if scored:
                 tracker.log_figure(parent, detector_comparison_figure(scored), "detector_comparison.png")
+            board = leaderboard.log_deltas(tracker, parent, cfg, rows) if cfg.report.leaderboard else ""
             overlap = val_test_overlap(cfg)
             flagged = report.problems(rows)
             self.failures = [f"{r['detector']} @ {r['backbone']}: " + (
@@ -637,10 +639,13 @@ class SweepRunner:
             tracker.log_text(parent, summary_html(cfg.name, rows, stages=stages, optimistic=bool(overlap),
                                                   sweep_seconds=time.perf_counter() - started,
                                                   config_text=self.config_text,
-                                                  blocks=[report.format_collapse(collapse)] if collapse else [],
+                                                  blocks=[report.format_collapse(collapse)] * bool(collapse) +
+                                                  [board] * bool(board), fpr=fpr,
                                                   figures=ordered_figures(tracker.figures.get(parent, {}))), "summary.html")
         _say("")
-        _say(report.format_table(rows, metric_groups=("near", "far"), optimistic=bool(overlap)))
+        _say(report.format_table(rows, metric_groups=("near", "far"), optimistic=bool(overlap), fpr=fpr))
+        if board:
+            _say("\n" + board)
         if collapse:
             _say("\n" + report.format_collapse(collapse))
         self.seconds = time.perf_counter() - started

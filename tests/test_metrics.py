@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ood_core.metrics import accuracy, aupr_in, aupr_out, auroc, fpr_at_tpr, ood_metrics
+from ood_core.metrics import accuracy, aupr_in, aupr_out, auroc, fpr_at_tpr, fpr_at_tpr_openood, ood_metrics
 
 
 # ---------------------------------------------------------------- independent brute-force references
@@ -64,7 +64,8 @@ def test_against_brute_force_and_sklearn(case):
 
 
 def test_known_values():
-    assert ood_metrics(*CASES["perfect"]) == pytest.approx({"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0})
+    assert ood_metrics(*CASES["perfect"]) == pytest.approx({"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0,
+                                                            "fpr95_openood": 0.0})
     m = ood_metrics(*CASES["reversed"])
     assert m["auroc"] == 0.0 and m["fpr95"] == 1.0
     assert ood_metrics(*CASES["constant"])["auroc"] == 0.5
@@ -94,3 +95,48 @@ def test_accuracy():
     assert accuracy(torch.tensor(logits), torch.tensor(labels)) == 0.75
     with pytest.raises(ValueError):
         accuracy(logits[:, 0], labels)
+
+
+def openood_fpr(s_id, s_ood, tpr_th=0.95):
+    """OpenOOD v1.5's lines (openood/evaluators/metrics.py, auc_and_fpr_recall), its ``conf`` = our ``-score``,
+    label -1 for OOD."""
+    from sklearn import metrics
+
+    conf = -np.r_[s_id, s_ood]
+    label = np.r_[np.zeros(len(s_id), dtype=int), -np.ones(len(s_ood), dtype=int)]
+    ood_indicator = np.zeros_like(label)
+    ood_indicator[label == -1] = 1
+    fpr_list, tpr_list, thresholds = metrics.roc_curve(ood_indicator, -conf)
+    return fpr_list[np.argmax(tpr_list >= tpr_th)]
+
+
+def bf_fpr_openood(s_id, s_ood, tpr):
+    """By hand, without ties: the largest threshold t flagging (score >= t) at least ``tpr`` of OOD; the fraction
+    of ID flagged there."""
+    for t in sorted(s_ood, reverse=True):
+        if np.mean(np.asarray(s_ood) >= t) >= tpr:
+            return float(np.mean(np.asarray(s_id) >= t))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_openood_fpr95_is_what_openood_computes(case):
+    s_id, s_ood = CASES[case]
+    for tpr in (0.95, 0.5, 0.8, 1.0):
+        assert fpr_at_tpr_openood(s_id, s_ood, tpr) == pytest.approx(openood_fpr(s_id, s_ood, tpr), abs=1e-12)
+
+
+def test_openood_fpr95_by_hand():
+    s_id, s_ood = CASES["continuous"]  # no ties
+    for tpr in (0.95, 0.5, 0.8):
+        assert fpr_at_tpr_openood(s_id, s_ood, tpr) == pytest.approx(bf_fpr_openood(s_id, s_ood, tpr), abs=1e-12)
+    # ID 0..19; OOD 5.5..14.5 and 100..109: the two definitions give different numbers
+    s_id, s_ood = np.arange(20.0), np.r_[np.arange(5.5, 15.5), np.arange(100.0, 110.0)]
+    # OpenOOD: 19 of 20 OOD flagged at t = 6.5 -> ID 7..19 flagged = 13/20
+    assert fpr_at_tpr_openood(s_id, s_ood) == pytest.approx(13 / 20)
+    # ours: 95% of ID kept at score <= 18 -> OOD 5.5..14.5 accepted = 10/20
+    assert fpr_at_tpr(s_id, s_ood) == pytest.approx(10 / 20)
+    # ties: ID 0..99, OOD 90..119. Flagging >= 28.5 of 30 OOD first happens at t = 91 (ID 91..99: 9/100), but the
+    # ROC points t = 99..91 lie on one diagonal (each step one ID and one OOD) and scikit-learn's
+    # drop_intermediate, which OpenOOD keeps, removes them: the next point, t = 90, flags 10/100 ID.
+    assert fpr_at_tpr_openood(*CASES["n100_boundary"]) == pytest.approx(10 / 100)
+    assert ood_metrics(*CASES["n100_boundary"])["fpr95_openood"] == pytest.approx(10 / 100)

@@ -34,9 +34,34 @@ def test_the_benchmark_sweeps_are_shipped():
     assert {"quickstart.yaml", "cifar.yaml", "cifar100.yaml", "fashionmnist.yaml"} <= {p.name for p in SWEEPS}
 
 
+def fake_checkpoints(path: Path, where: Path) -> list:
+    """Stand-in files for the checkpoints (OpenOOD's ``results/.../best.ckpt``) and the leaderboard CSV a sweep
+    names by relative path, under ``where`` (the test's working directory): validate hashes the checkpoints but
+    does not load them, and parses the leaderboard."""
+    import yaml
+
+    made = []
+    for bb in yaml.safe_load(path.read_text())["backbones"]:
+        if bb.get("checkpoint") and not Path(bb["checkpoint"]).is_absolute():
+            target = where / bb["checkpoint"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"not a real checkpoint")
+            made.append(bb["checkpoint"])
+    board = yaml.safe_load(path.read_text()).get("report", {}).get("leaderboard")
+    if board and not Path(board).is_absolute():  # an OpenOOD leaderboard file, one row of its format
+        (where / board).parent.mkdir(parents=True, exist_ok=True)
+        (where / board).write_text("Training,Postprocessor,Near-OOD_AUROC,Far-OOD_AUROC,ID_Accuracy,Outlier_Data,"
+                                   "Arch,Additional_Description\nCrossEntropy,MSP,88.03 ± 0.25,90.73 ± 0.43,"
+                                   "95.06 ± 0.30,No,ResNet18,100 epochs\n", encoding="utf-8")
+        made.append(board)
+    return made
+
+
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
-def test_sweep_file_validates(path, fake_root, monkeypatch, capsys, no_downloads):
+def test_sweep_file_validates(path, fake_root, monkeypatch, capsys, no_downloads, tmp_path):
     monkeypatch.setenv("OOD_SWEEP_DATA", str(fake_root))
+    monkeypatch.chdir(tmp_path)
+    fake_checkpoints(path, tmp_path)
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
     assert "ok" in capsys.readouterr().out
 
@@ -82,3 +107,55 @@ def test_train_task_loads_a_user_checkpoint(tmp_path):
     wrong = dict(backbone, key="k2", checkpoint_uri=str(tmp_path / "ckpt" / "k2.pt"))
     with pytest.raises(CheckpointError, match="shape mismatches: head.weight"):
         train_backbone(wrong, 4, fmt.to_dict(), dict(id_data, params={"classes": [0, 1, 2, 3]}))
+
+
+OPENOOD = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet200": "imagenet200", "imagenet1k": "imagenet1k"}
+
+
+def test_the_openood_sweeps_are_shipped():
+    assert {f"openood_{b}.yaml" for b in OPENOOD} <= {p.name for p in SWEEPS}
+
+
+@pytest.mark.parametrize("bench", sorted(OPENOOD))
+def test_openood_sweep_follows_openood_v15(bench, tmp_path, monkeypatch, capsys, no_downloads):
+    """The shipped sweep reads OpenOOD's own lists (its OOD val set, near and far sets in v1.5's order), loads its
+    s0/s1/s2 checkpoints (ImageNet-1K: torchvision's ResNet-50 V1), and validates with no data warning on a fake
+    OpenOOD data root; with no data and no checkpoints it only warns."""
+    import yaml
+    from ood_core.datasets import openood
+    from test_openood_data import _fake_root
+
+    path = ROOT / "sweeps" / f"openood_{bench}.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    b = openood.CATALOGUE[bench]
+    name = openood.dataset_name(bench)
+    assert cfg["data"]["id"]["dataset"] == name and cfg["data"]["id"].get("params", {}).get("set", "id") == "id"
+    assert [(d["dataset"], d["split"], d["params"]["set"]) for d in cfg["data"]["ood_val"]] == [(name, "val", b.ood_val)]
+    for group in ("near", "far"):
+        sets = cfg["data"]["ood_test"][group]
+        assert [d["params"]["set"] for d in sets] == b.sets_of(group)
+        assert all(d["dataset"] == name and d.get("split", "test") == "test" for d in sets)
+    ckpts = [bb.get("checkpoint") for bb in cfg["backbones"]]
+    if bench == "imagenet1k":
+        assert cfg["backbones"] == [{"name": "resnet50", "arch": "resnet50_imagenet", "params": {"weights": "imagenet"},
+                                     "seeds": [0]}]
+    else:
+        assert [c.rsplit("/", 2)[-2:] for c in ckpts] == [[f"s{i}", "best.ckpt"] for i in range(3)]
+    text = path.read_text()
+    assert "benchmark_imglist/" in text and "download.py" in text  # the comment saying what must be on disk
+
+    monkeypatch.chdir(tmp_path)
+    fake_checkpoints(path, tmp_path)
+    root = _fake_root(tmp_path / "openood")
+    train = root / b.sets["id"][1]["train"][1]  # enough ID training rows for KNN's k = 1000 (one image, repeated)
+    first = train.read_text().splitlines()[0].split(" ", 1)[0]
+    train.write_text("".join(f"{first} {i % b.num_classes}\n" for i in range(1000)))
+    monkeypatch.setenv("OOD_SWEEP_DATA", str(root))
+    assert main(["validate", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "ok" in captured.out and "warning: data set" not in captured.err, captured.err
+
+    monkeypatch.setenv("OOD_SWEEP_DATA", str(tmp_path / "empty"))
+    assert main(["validate", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: data set '{name}:id' not found" in err and "Traceback" not in err
