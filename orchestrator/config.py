@@ -246,6 +246,9 @@ class DetectorConfig(_Strict):
     params: Dict[str, Any] = Field(default_factory=dict)
     search: Optional[Dict[str, Any]] = None
     num_samples: Optional[int] = Field(None, ge=1, le=100_000)
+    #: the ID split the detector is fitted on: ``train`` (the default), or ``val`` as OpenOOD v1.5 does for
+    #: ReAct, TempScale and KLM (their postprocessors' ``setup`` reads ``id_loader_dict['val']``)
+    fit_on: Literal["train", "val"] = "train"
 
     @property
     def label(self) -> str:

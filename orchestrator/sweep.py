@@ -28,6 +28,17 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def search_inputs(cfg, bb, det, spec) -> List[str]:
+    """What a (backbone, detector) search reads, for its cache key: the feature files, the outlier sets it trains
+    on, and the split it is fitted on when that is not ID train (so ``fit_on: train`` keeps the keys it had)."""
+    inputs = [f.key for f in bb.features]
+    if spec.needs_outliers:
+        inputs += [content_key(job.spec()) for job in outlier_jobs(cfg)]
+    if det.fit_on != "train":
+        inputs.append(f"fit_on:{det.fit_on}")
+    return inputs
+
+
 def init_ray() -> None:
     import ray
 
@@ -292,6 +303,7 @@ class SweepRunner:
             "outliers": [{"dataset": asdict(job)} for job in outlier_jobs(self.cfg)] if spec.needs_outliers else [],
             "batch_size": self.cfg.extract.batch_size,
             "score_test_every_trial": self.cfg.search.score_test_every_trial,
+            "fit_on": det.fit_on,
         }
 
     def search(self, tracker: Tracker, parent: str) -> List[Dict]:
@@ -309,9 +321,7 @@ class SweepRunner:
                 space = bb.searches[det.label]
                 num_samples = det.num_samples or cfg.search.num_samples
                 key = f"{bb.label}/{det.label}"
-                inputs = [f.key for f in bb.features]
-                if spec.needs_outliers:  # the outlier sets it trains on
-                    inputs += [content_key(job.spec()) for job in outlier_jobs(cfg)]
+                inputs = search_inputs(cfg, bb, det, spec)
                 skey = search_cache.search_key(inputs, spec.name, det.params, space, num_samples, metric, cfg.seed,
                                                cfg.search.algorithm, cfg.search.score_test_every_trial)
                 info[key] = (bb, det, space, skey)

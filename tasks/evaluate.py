@@ -72,20 +72,31 @@ def _eval_sets(context: Dict, det, device, roles: Optional[Tuple[str, ...]] = No
     from ood_core.evaluation import CACHED, ID_TRAIN, ID_VAL, OOD_VAL, EvalSet
 
     columns = tuple(context["columns"])
-    needed = None if roles is None else {ID_TRAIN, *roles, *((ID_VAL, OOD_VAL) if det.uses_validation else ())}
+    fit_role = _fit_role(context)
+    needed = None if roles is None else {fit_role, *roles, *((ID_VAL, OOD_VAL) if det.uses_validation else ())}
     out = {}
     for label, entry in context["sets"].items():
         role = entry["role"]
-        if needed is not None and role not in needed:
+        if (needed is not None and role not in needed) or (role == ID_TRAIN != fit_role):
             continue
-        if det.representation in CACHED:
-            fs = _read(entry["uri"], columns)
-            out[label] = EvalSet(role, _reps(fs, columns, device), torch.from_numpy(fs.labels).to(device))
-        else:
-            outliers = context.get("outliers", ()) if role == "id_train" else ()
-            out[label] = EvalSet(role, _loader(entry, context["format"], context.get("batch_size", 256), device,
-                                               outliers))
+        # the set the detector is fitted on enters the protocol as its training set; fitted on ID val, that set
+        # is also scored as ID val (OpenOOD's protocol for these methods)
+        as_roles = [role] + ([ID_TRAIN] if role == fit_role != ID_TRAIN else [])
+        for r in as_roles:
+            key = label if r == role else f"{label}:fit"
+            if det.representation in CACHED:
+                fs = _read(entry["uri"], columns)
+                out[key] = EvalSet(r, _reps(fs, columns, device), torch.from_numpy(fs.labels).to(device))
+            else:
+                outliers = context.get("outliers", ()) if r == ID_TRAIN else ()
+                out[key] = EvalSet(r, _loader(entry, context["format"], context.get("batch_size", 256), device,
+                                              outliers))
     return out
+
+
+def _fit_role(context: Dict) -> str:
+    """The role of the set the detector is fitted on: ``fit_on: val`` fits on ID val, else ID train."""
+    return "id_val" if context.get("fit_on", "train") == "val" else "id_train"
 
 
 @functools.lru_cache(maxsize=2)
@@ -107,7 +118,7 @@ def _fit_key(context: Dict, spec, params: Dict) -> str:
     """What a fit depends on: the training inputs, the backbone, the detector and its structural values."""
     import json
 
-    train = [e.get("uri") or e["dataset"] for e in context["sets"].values() if e["role"] == "id_train"]
+    train = [e.get("uri") or e["dataset"] for e in context["sets"].values() if e["role"] == _fit_role(context)]
     structural = {k: v for k, v in params.items() if spec.cls.structural(k)}
     return json.dumps([spec.name, context["backbone"]["key"], train, context.get("outliers", []), structural],
                       sort_keys=True, default=repr)

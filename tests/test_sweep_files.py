@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fake_data import write_all
+from openood_fake import fake_checkpoints, largest_knn_k, write_root
 from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,29 +33,6 @@ def fake_root(tmp_path_factory):
 
 def test_the_benchmark_sweeps_are_shipped():
     assert {"quickstart.yaml", "cifar.yaml", "cifar100.yaml", "fashionmnist.yaml"} <= {p.name for p in SWEEPS}
-
-
-def fake_checkpoints(path: Path, where: Path) -> list:
-    """Stand-in files for the checkpoints (OpenOOD's ``results/.../best.ckpt``) and the leaderboard CSV a sweep
-    names by relative path, under ``where`` (the test's working directory): validate hashes the checkpoints but
-    does not load them, and parses the leaderboard."""
-    import yaml
-
-    made = []
-    for bb in yaml.safe_load(path.read_text())["backbones"]:
-        if bb.get("checkpoint") and not Path(bb["checkpoint"]).is_absolute():
-            target = where / bb["checkpoint"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(b"not a real checkpoint")
-            made.append(bb["checkpoint"])
-    board = yaml.safe_load(path.read_text()).get("report", {}).get("leaderboard")
-    if board and not Path(board).is_absolute():  # an OpenOOD leaderboard file, one row of its format
-        (where / board).parent.mkdir(parents=True, exist_ok=True)
-        (where / board).write_text("Training,Postprocessor,Near-OOD_AUROC,Far-OOD_AUROC,ID_Accuracy,Outlier_Data,"
-                                   "Arch,Additional_Description\nCrossEntropy,MSP,88.03 ± 0.25,90.73 ± 0.43,"
-                                   "95.06 ± 0.30,No,ResNet18,100 epochs\n", encoding="utf-8")
-        made.append(board)
-    return made
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
@@ -123,7 +101,6 @@ def test_openood_sweep_follows_openood_v15(bench, tmp_path, monkeypatch, capsys,
     OpenOOD data root; with no data and no checkpoints it only warns."""
     import yaml
     from ood_core.datasets import openood
-    from test_openood_data import _fake_root
 
     path = ROOT / "sweeps" / f"openood_{bench}.yaml"
     cfg = yaml.safe_load(path.read_text())
@@ -137,19 +114,21 @@ def test_openood_sweep_follows_openood_v15(bench, tmp_path, monkeypatch, capsys,
         assert all(d["dataset"] == name and d.get("split", "test") == "test" for d in sets)
     ckpts = [bb.get("checkpoint") for bb in cfg["backbones"]]
     if bench == "imagenet1k":
-        assert cfg["backbones"] == [{"name": "resnet50", "arch": "resnet50_imagenet", "params": {"weights": "imagenet"},
-                                     "seeds": [0]}]
+        # torchvision's ResNet-50 V1 weights file, loaded as a checkpoint (a backbone without one would be trained)
+        assert cfg["backbones"] == [{"name": "resnet50", "arch": "resnet50_imagenet",
+                                     "checkpoint": "weights/resnet50-0676ba61.pth", "seeds": [0]}]
     else:
         assert [c.rsplit("/", 2)[-2:] for c in ckpts] == [[f"s{i}", "best.ckpt"] for i in range(3)]
+    # OpenOOD's fit split: ReAct, TempScale and KLM fit on ID val (their postprocessors' setup), the others on train
+    assert {d["type"] for d in cfg["detectors"] if d.get("fit_on") == "val"} == {"ReAct", "TemperatureScaling",
+                                                                                 "KLMatching"}
     text = path.read_text()
     assert "benchmark_imglist/" in text and "download.py" in text  # the comment saying what must be on disk
 
     monkeypatch.chdir(tmp_path)
     fake_checkpoints(path, tmp_path)
-    root = _fake_root(tmp_path / "openood")
-    train = root / b.sets["id"][1]["train"][1]  # enough ID training rows for KNN's k = 1000 (one image, repeated)
-    first = train.read_text().splitlines()[0].split(" ", 1)[0]
-    train.write_text("".join(f"{first} {i % b.num_classes}\n" for i in range(1000)))
+    # enough ID training rows for the largest KNN k (a few images, repeated)
+    root = write_root(tmp_path / "openood", bench, train_rows=largest_knn_k(path), per_list=2)
     monkeypatch.setenv("OOD_SWEEP_DATA", str(root))
     assert main(["validate", str(path)]) == 0
     captured = capsys.readouterr()
