@@ -12,8 +12,9 @@ foreign file, hash mismatch, checkpoint of another architecture) raises
 :func:`load_user_checkpoint` loads a checkpoint a user brings (ours, or a plain ``state_dict``
 as OpenOOD, torchvision and most training scripts save it, possibly wrapped in
 ``{"state_dict": ...}`` / ``{"model": ...}`` / ``{"net": ...}``, with ``module.`` prefixes from
-``DataParallel`` and ``fc.`` / ``linear.`` / ``classifier.`` naming the classifier) into a built
-model, strictly, and returns the file's sha256.
+``DataParallel`` and ``fc.`` / ``linear.`` / ``classifier.`` naming the classifier, and the prefixes a model
+declares in its ``checkpoint_aliases``, e.g. a ``torchvision:`` / ``timm:`` backbone's ``classifier.3.`` -> ``head.``)
+into a built model, strictly, and returns the file's sha256.
 """
 from __future__ import annotations
 
@@ -192,12 +193,14 @@ def _unwrap(payload: Any, uri: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
                           f"{', '.join(_WRAPPER_KEYS)})")
 
 
-def _rename(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _rename(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+            model_aliases: Tuple[Tuple[str, str], ...] = ()) -> Dict[str, torch.Tensor]:
     """Map foreign key names onto the model's: strip DataParallel / compile prefixes, name the
     classifier ``head`` (``fc`` / ``linear`` / ``classifier`` / torchvision ViT's ``heads.head``), map
-    :data:`_MODULE_ALIASES`, fill missing batch-norm ``num_batches_tracked`` counters. A key is only renamed
-    when its own name is not the model's and the new name is, so a checkpoint that does not fit still fails
-    with the keys that differ."""
+    :data:`_MODULE_ALIASES` and the model's own ``model_aliases`` (its ``checkpoint_aliases``: ``(theirs, ours)``
+    prefixes, e.g. ``("classifier.3.", "head.")`` of a ``torchvision:`` / ``timm:`` backbone), fill missing
+    batch-norm ``num_batches_tracked`` counters. A key is only renamed when its own name is not the model's and
+    the new name is, so a checkpoint that does not fit still fails with the keys that differ."""
     out: Dict[str, torch.Tensor] = {}
     for key, value in state.items():
         k = key
@@ -207,6 +210,11 @@ def _rename(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) 
             for prefix in _STRIP_PREFIXES:
                 if k.startswith(prefix):
                     k, changed = k[len(prefix):], True
+        if k not in own:
+            for theirs, mine in model_aliases:
+                if k.startswith(theirs) and mine + k[len(theirs):] in own:
+                    k = mine + k[len(theirs):]
+                    break
         if k not in own:
             for alias in _HEAD_ALIASES:
                 if k.startswith(alias) and "head." + k[len(alias):] in own:
@@ -244,7 +252,8 @@ def load_user_checkpoint(uri: str, model: nn.Module, *, arch: Optional[str] = No
     if arch is not None and meta.get("arch") not in (None, arch):
         raise CheckpointError(f"checkpoint {uri} is an ood-sweep checkpoint of {meta.get('arch')!r}, "
                               f"not of {arch!r}")
-    load_into(model, _rename(state, model.state_dict()), source=f"checkpoint {uri}")
+    aliases = tuple(getattr(model, "checkpoint_aliases", ()))
+    load_into(model, _rename(state, model.state_dict(), aliases), source=f"checkpoint {uri}")
     return {"sha256": sha, "format": fmt, "meta": meta}
 
 

@@ -10,15 +10,38 @@ A :class:`LayerSpec` names what to read and how to reduce it per sample:
 
 Reductions (computed in torch on the model's device, then moved to float32 CPU numpy):
 
-==========  ==========================================================================
-``none``     the output as it is, ``(N, C, H, W)`` (stored flattened, shape kept in metadata)
-``avgpool``  mean over the spatial dimensions, ``(N, C)``; 2-D outputs pass through
-``max``      max over the spatial dimensions, ``(N, C)``; 2-D outputs pass through
-``energy``   ``-logsumexp`` over the flattened raw output, ``(N,)``: the per-layer score of
-             Guglielmo & Masana, "Leveraging Intermediate Representations for Better OOD Detection"
-             (CVWW 2025): ``E(x) = -log sum_j exp(a_j(x))`` over every unit ``j`` of the layer
-``flatten``  the output flattened, ``(N, C*H*W)``
-==========  ==========================================================================
+=========================  ==========================================================================
+``none``                   the output as it is, ``(N, C, H, W)`` (stored flattened, shape kept in metadata)
+``avgpool``                mean over the positions, ``(N, C)``: over the spatial dimensions ``(2, 3, ...)``
+                           of channels-first maps, over the tokens of a token sequence, over ``H, W``
+                           of channels-last maps (the layout the model declares, below); 2-D outputs pass
+                           through
+``max``                    max over the positions (as ``avgpool``), ``(N, C)``; 2-D outputs pass through
+``energy``                 ``-logsumexp`` over the flattened raw output, ``(N,)``: the per-layer score of
+                           Guglielmo & Masana, "Leveraging Intermediate Representations for Better OOD
+                           Detection" (CVWW 2025): ``E(x) = -log sum_j exp(a_j(x))`` over every unit ``j``
+                           of the layer
+``flatten``                the output flattened, ``(N, C*H*W)``
+``tokens_mean``            a token sequence ``(N, S, D)`` -> ``(N, D)``: ``(1/S) sum_s t[:, s]``, every
+                           token, the class token included (ViT blocks; ValueError for another shape)
+``cls_token``              a token sequence ``(N, S, D)`` -> ``(N, D)``: ``t[:, 0]``, the class token of a
+                           ViT (Dosovitskiy et al., ICLR 2021), which its classifier reads
+``channels_last_avgpool``  channels-last maps ``(N, H, W, C)`` (or ``(N, ..., C)``) -> ``(N, C)``: mean
+                           over every dimension between the first and the last (Swin blocks, the
+                           channels-last internals of ConvNeXt blocks)
+=========================  ==========================================================================
+
+Token sequences and channels-last maps: a transformer block's output is ``(N, S, D)`` (ViT) or ``(N, H, W, C)``
+(Swin), which a channel reduction over the dimensions ``>= 2`` would misread (it would average each token over its
+channels). A model declares such outputs with ``model.output_layout(module) -> "tokens" | "channels_last" | None``
+(:class:`~ood_core.backbones.common.Backbone`; the ``torchvision:`` / ``timm:`` backbones of
+:mod:`ood_core.backbones.by_name` read it from one probe forward pass), and ``avgpool`` / ``max`` then pool over
+the positions of that layout: ``avgpool`` of a ViT block is ``tokens_mean``, of a Swin block
+``channels_last_avgpool``. So the default ``LayerSpec(stage, stage)`` of every stage (``preset: blocks``) is one
+``D``-vector per sample for CNNs and transformers alike. For a model that declares nothing (all the CNNs of
+:mod:`ood_core.models`) ``avgpool`` / ``max`` are what they always were: columns and numbers do not change. The
+layout is recorded in the column's Parquet metadata (``layout``). ``tokens_mean``, ``cls_token`` and
+``channels_last_avgpool`` say the layout themselves and work on any model.
 
 Column names (:attr:`LayerSpec.column`): ``name`` for the default reduction ``avgpool``, otherwise
 ``f"{name}.{reduction}"`` (``"logits"``, ``"penultimate"``, ``"layer1.0.bn1.energy"``), so one layer can be
@@ -40,10 +63,11 @@ from torch import Tensor, nn
 from .feature_store import FeatureWriter
 from .storage import PathLike, resolve
 
-__all__ = ["LayerSpec", "REDUCTIONS", "DEFAULT_HOOK_TYPES", "reduce_output", "hookable_layers",
+__all__ = ["LayerSpec", "REDUCTIONS", "LAYOUTS", "DEFAULT_HOOK_TYPES", "reduce_output", "output_layout", "hookable_layers",
            "energy_layer_specs", "extract_features", "capture_batch"]
 
-REDUCTIONS = ("none", "avgpool", "max", "energy", "flatten")
+REDUCTIONS = ("none", "avgpool", "max", "energy", "flatten", "tokens_mean", "cls_token", "channels_last_avgpool")
+LAYOUTS = ("tokens", "channels_last")
 LOGITS = "logits"
 PENULTIMATE = "penultimate"
 DEFAULT_REDUCTION = "avgpool"
@@ -78,21 +102,50 @@ class LayerSpec:
         return self.name if self.reduction == DEFAULT_REDUCTION else f"{self.name}.{self.reduction}"
 
 
-def reduce_output(t: Tensor, reduction: str) -> Tensor:
-    """Apply ``reduction`` to a batch ``t`` of shape ``(N, ...)`` (see the module docstring)."""
+def _position_dims(t: Tensor, layout: Optional[str]) -> Tuple[int, ...]:
+    """The dimensions of ``t`` that index positions (pixels or tokens) in ``layout``."""
+    if layout is None:
+        return tuple(range(2, t.ndim))
+    if layout == "tokens":
+        if t.ndim != 3:
+            raise ValueError(f"a token sequence (N, S, D) was expected, got shape {tuple(t.shape)}")
+        return (1,)
+    if layout == "channels_last":
+        return tuple(range(1, t.ndim - 1))
+    raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS} or None")
+
+
+def reduce_output(t: Tensor, reduction: str, layout: Optional[str] = None) -> Tensor:
+    """Apply ``reduction`` to a batch ``t`` of shape ``(N, ...)`` whose layout is ``layout`` (None: channels
+    first; ``"tokens"``; ``"channels_last"``); see the module docstring."""
     if reduction == "none":
         return t
     if reduction in ("avgpool", "max"):
         if t.ndim <= 2:
             return t
-        dims = tuple(range(2, t.ndim))
+        dims = _position_dims(t, layout)
         return t.mean(dim=dims) if reduction == "avgpool" else t.amax(dim=dims)
+    if reduction in ("tokens_mean", "cls_token"):
+        if t.ndim != 3:
+            raise ValueError(f"reduction {reduction!r} reads a token sequence (N, S, D), got shape {tuple(t.shape)}: "
+                             "use avgpool for (N, C, H, W) maps, channels_last_avgpool for (N, H, W, C)")
+        return t.mean(dim=1) if reduction == "tokens_mean" else t[:, 0]
+    if reduction == "channels_last_avgpool":
+        if t.ndim < 3:
+            raise ValueError(f"reduction 'channels_last_avgpool' reads (N, H, W, C) maps, got shape {tuple(t.shape)}")
+        return t.mean(dim=tuple(range(1, t.ndim - 1)))
     flat = t.reshape(t.shape[0], -1)
     if reduction == "flatten":
         return flat
     if reduction == "energy":
         return -torch.logsumexp(flat.float(), dim=1)
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def output_layout(model: nn.Module, module: str) -> Optional[str]:
+    """The layout of ``module``'s output as ``model`` declares it (``model.output_layout``), None if it does not."""
+    declare = getattr(model, "output_layout", None)
+    return declare(module) if callable(declare) else None
 
 
 def _capture(r: Tensor, src: Tensor) -> Tensor:
@@ -179,23 +232,28 @@ class _Hooks:
             head = getattr(model, "head", None)
             if not isinstance(head, nn.Module):
                 raise ValueError(f"'penultimate' needs model.head (the classifier); {type(model).__name__} has none")
+        layouts = {path: output_layout(model, path) for path in by_module}
         try:
             for path, specs in by_module.items():
-                self.handles.append(modules[path].register_forward_hook(self._make_hook(specs, path)))
+                self.handles.append(modules[path].register_forward_hook(self._make_hook(specs, path, layouts[path])))
             if pen:
                 self.handles.append(model.head.register_forward_pre_hook(self._make_pre_hook(pen)))
         except BaseException:
             self.remove()
             raise
 
-    def _store(self, specs: Sequence[LayerSpec], t: Tensor) -> None:
+    def _store(self, specs: Sequence[LayerSpec], t: Tensor, layout: Optional[str] = None, where: str = "") -> None:
         for s in specs:
             if s.column not in self.captured:  # first call of a module reused within one forward wins
-                self.captured[s.column] = _capture(reduce_output(t, s.reduction), t)
+                try:
+                    r = reduce_output(t, s.reduction, layout)
+                except ValueError as exc:
+                    raise ValueError(f"{where or s.name}: {exc}") from None
+                self.captured[s.column] = _capture(r, t)
 
-    def _make_hook(self, specs, path):
+    def _make_hook(self, specs, path, layout):
         def hook(module, inputs, output):
-            self._store(specs, _first_tensor(output, f"module {path!r}"))
+            self._store(specs, _first_tensor(output, f"module {path!r}"), layout, f"module {path!r}")
         return hook
 
     def _make_pre_hook(self, specs):
@@ -307,6 +365,10 @@ def extract_features(model: nn.Module, loader: Iterable, layers: Sequence[LayerS
     meta["layers"] = json.dumps([dict(asdict(s), column=s.column) for s in layers])
     meta.setdefault("model_class", type(model).__name__)
     column_meta = {s.column: {"layer": s.module or s.name, "reduction": s.reduction, "name": s.name} for s in layers}
+    for s in layers:
+        layout = output_layout(model, s.module) if s.module else None
+        if layout is not None:
+            column_meta[s.column]["layout"] = layout
     use_cuda = device.type == "cuda"
     autocast = (torch.autocast(device_type="cuda", dtype=torch.float16) if (amp and use_cuda)
                 else contextlib.nullcontext())

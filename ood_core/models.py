@@ -25,7 +25,13 @@ hooks (:mod:`ood_core.hooks`) address layers by their dotted module path.
 ``wrn40_2``            WideResNet-40-2 (Outlier Exposure), 128-d
 ``resnet18_imagenet``  torchvision's ResNet18, ``weights: imagenet`` for pretrained, inputs resized
 ``resnet50_imagenet``  torchvision's ResNet50 (2048-d), ``weights: imagenet`` / ``imagenet_v2``
+``torchvision:<name>`` any classification model of ``torchvision.models.list_models(module=torchvision.models)``
+``timm:<name>``        any ``timm.list_models()`` name (optional dependency ``timm``)
 =====================  ===========================================================================
+
+The last two (:mod:`ood_core.backbones.by_name`) are built untrained (weights from the backbone's ``checkpoint``),
+their classifier is ``head``, every module keeps its dotted name, and their ``params`` go to the library's
+constructor; :func:`check_architecture` validates a name (close matches for a typo).
 
 :data:`ARCHITECTURES` maps an architecture name to a builder with the keyword-only signature
 ``builder(*, num_classes, in_channels, image_size, **arch_params)``; the orchestrator validates
@@ -33,12 +39,14 @@ YAML ``arch_params`` against ``inspect.signature(builder)``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
 
+from ood_core.backbones.by_name import build_by_name, check_name, close_matches, known_names, split_arch
 from ood_core.backbones.common import Backbone
 from ood_core.backbones.densenet import densenet100
 from ood_core.backbones.imagenet import (WeightsMissingError, load_pretrained_state, resnet18_imagenet,
@@ -50,7 +58,7 @@ from ood_core.backbones.vgg import vgg16
 from ood_core.backbones.wrn import wrn40_2
 
 __all__ = ["ARCHITECTURES", "Backbone", "SmallCNN", "WeightsMissingError", "architecture_params", "build_model",
-           "check_weights_available", "DEFAULT_ARCH"]
+           "check_architecture", "check_weights_available", "DEFAULT_ARCH"]
 
 DEFAULT_ARCH = "resnet18"
 
@@ -71,8 +79,28 @@ ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def check_architecture(arch: str) -> None:
+    """Raise ``ValueError`` (one line, with close matches) unless ``arch`` is in :data:`ARCHITECTURES` or is a
+    ``torchvision:<name>`` / ``timm:<name>`` the library has (config validation, before any compute)."""
+    if split_arch(arch) is not None:
+        check_name(arch)
+        return
+    if arch in ARCHITECTURES:
+        return
+    hints = [f"close matches: {', '.join(near)}"] if (near := close_matches(arch, sorted(ARCHITECTURES))) else []
+    if ":" in arch:
+        hints.append("a library prefix is torchvision: or timm:")
+    elif arch in known_names("torchvision"):
+        hints.append(f"did you mean torchvision:{arch}?")
+    hints.append(f"known: {', '.join(sorted(ARCHITECTURES))}, torchvision:<name>, timm:<name>")
+    raise ValueError(f"unknown architecture {arch!r}; " + "; ".join(hints))
+
+
 def architecture_params(arch: str) -> Dict[str, Any]:
-    """The optional parameters of ``arch`` and their defaults (for config validation / docs)."""
+    """The optional parameters of ``arch`` and their defaults (for config validation / docs); ``{}`` for a
+    ``torchvision:`` / ``timm:`` architecture, whose ``params`` go to the library's constructor as they are."""
+    if split_arch(arch) is not None:
+        return {}
     builder = _builder(arch)
     return {name: p.default for name, p in inspect.signature(builder).parameters.items()
             if name not in ("num_classes", "in_channels", "image_size")}
@@ -103,23 +131,36 @@ def build_model(arch: str, *, num_classes: int, in_channels: int, image_size: in
     ``load_weights=False`` builds the same architecture without loading pretrained weights (for
     config validation: no download).
 
-    Raises ``KeyError`` for an unknown architecture, ``ValueError`` for unknown or invalid
-    parameters, :class:`WeightsMissingError` when pretrained weights cannot be had.
+    ``arch`` ``"torchvision:<name>"`` / ``"timm:<name>"``: any model of that library by name
+    (:func:`ood_core.backbones.by_name.build_by_name`; ``kwargs`` go to its constructor).
+
+    Raises ``KeyError`` for an unknown architecture of the registry, ``ValueError`` for an unknown
+    ``torchvision:`` / ``timm:`` name and for unknown or invalid parameters, :class:`WeightsMissingError` when
+    pretrained weights cannot be had.
     """
+    if int(num_classes) < 1 or int(in_channels) < 1:
+        raise ValueError(f"architecture {arch!r}: need num_classes >= 1 and in_channels >= 1, "
+                         f"got {num_classes}, {in_channels}")
+    if split_arch(arch) is not None:
+        builder: Callable[..., nn.Module] = functools.partial(build_by_name, arch)
+        return _seeded(builder, seed, num_classes=int(num_classes), in_channels=int(in_channels),
+                       image_size=int(image_size), **kwargs)
     builder = _builder(arch)
     allowed = architecture_params(arch)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"architecture {arch!r}: unknown parameter(s) {unknown}; allowed: {sorted(allowed) or 'none'}")
-    if int(num_classes) < 1 or int(in_channels) < 1:
-        raise ValueError(f"architecture {arch!r}: need num_classes >= 1 and in_channels >= 1, "
-                         f"got {num_classes}, {in_channels}")
     if not load_weights and kwargs.get("weights"):
         from ood_core.backbones.imagenet import _weights_enum
 
         _weights_enum(arch, kwargs["weights"])  # still validate the value
         kwargs = dict(kwargs, weights=None, input_size=kwargs.get("input_size") or 224)
-    args = dict(num_classes=int(num_classes), in_channels=int(in_channels), image_size=int(image_size), **kwargs)
+    return _seeded(builder, seed, num_classes=int(num_classes), in_channels=int(in_channels),
+                   image_size=int(image_size), **kwargs)
+
+
+def _seeded(builder: Callable[..., nn.Module], seed: Optional[int], **args: Any) -> nn.Module:
+    """``builder(**args)``, its initial weights drawn from a generator seeded with ``seed`` (global RNG untouched)."""
     if seed is None:
         return builder(**args)
     with torch.random.fork_rng(devices=[]):

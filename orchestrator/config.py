@@ -223,7 +223,8 @@ class LayerConfig(_Strict):
     preset: Optional[Literal["penultimate", "blocks", "all"]] = None
     types: Optional[List[str]] = None
     pattern: Optional[str] = None
-    reduction: Literal["none", "avgpool", "max", "energy", "flatten"] = "avgpool"
+    reduction: Literal["none", "avgpool", "max", "energy", "flatten", "tokens_mean", "cls_token",
+                       "channels_last_avgpool"] = "avgpool"
 
 
 class ExtractConfig(_Strict):
@@ -520,7 +521,7 @@ def check_detector_values(path: str, cls: type, params: Dict[str, Any], search: 
 
 def validate_semantics(cfg: SweepConfig) -> None:
     from ood_core.detectors.registry import detector_params, get_spec
-    from ood_core.models import ARCHITECTURES
+    from ood_core.models import check_architecture
 
     _check_dataset("data.id", cfg.data.id.dataset, cfg.data.id.params, ["train", "val", "test"])
     labels = set()
@@ -537,10 +538,10 @@ def validate_semantics(cfg: SweepConfig) -> None:
 
     names = set()
     for i, bb in enumerate(cfg.backbones):
-        if bb.arch not in ARCHITECTURES:
-            raise ConfigError(
-                f"backbones[{i}].arch: unknown architecture {bb.arch!r}; known: {', '.join(sorted(ARCHITECTURES))}"
-            )
+        try:
+            check_architecture(bb.arch)  # a registry name, torchvision:<name> or timm:<name>; close matches if not
+        except ValueError as exc:
+            raise ConfigError(f"backbones[{i}].arch: {exc}") from None
         if bb.name in names:
             raise ConfigError(f"backbones[{i}].name: duplicate backbone name {bb.name!r}")
         names.add(bb.name)

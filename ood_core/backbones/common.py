@@ -9,11 +9,13 @@
 * ``forward(x) == pool_head(feature_maps(x)) == head(features(x))`` in eval mode;
 * ``num_classes``, ``feature_dim`` (= D) and ``stages``: the dotted names of the main blocks in
   network order (e.g. ``layer1`` ... ``layer4``), for multi-layer detectors and hooks. Every
-  convolution / batch norm has a stable dotted name too (``layer2.0.bn1``), in network order.
+  convolution / batch norm has a stable dotted name too (``layer2.0.bn1``), in network order;
+* ``output_layout(module)``: ``"tokens"`` where a module's output is a token sequence ``(N, S, D)``,
+  ``"channels_last"`` where it is ``(N, H, W, C)``, None for channels first (the default; see :mod:`ood_core.hooks`).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +38,10 @@ class Backbone(nn.Module):
 
     def feature_maps(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def output_layout(self, module: str) -> Optional[str]:
+        """The layout of ``module``'s output when it is not channels first: ``"tokens"`` / ``"channels_last"``."""
+        return None
 
     def pool_features(self, maps: Tensor) -> Tensor:
         """Global average pool of the feature maps, ``(N, C, H, W) -> (N, C)``."""

@@ -15,10 +15,13 @@ Every module keeps torchvision's dotted name (``encoder.layers.encoder_layer_11`
 them can be hooked, except Swin-T's ``features`` (the name of our ``features()`` method), which is ``body`` here
 (``body.5.1.attn``); its checkpoint keys are mapped. ``feature_maps`` follows :class:`~ood_core.backbones.common.Backbone`: Swin-T's last maps in
 ``(N, C, H, W)`` (its ``permute`` module's output); ViT's class token as ``(N, 768, 1, 1)`` (module ``token``),
-so global pooling of the maps is the identity and ``forward == head(features)``. ``stages`` name only these
-(block outputs are token sequences / channels-last maps, which channel reductions would misread).
+so global pooling of the maps is the identity and ``forward == head(features)``. ``output_layout`` declares the
+block outputs' layouts (ViT: token sequences; Swin: channels-last maps), so ``avgpool`` / ``max`` of a hooked
+block pool over its tokens / positions (:mod:`ood_core.hooks`) and ``cls_token`` reads ViT's class token.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +66,10 @@ class TorchvisionViT(Backbone):
         x = self.encoder(torch.cat([self.class_token.expand(n, -1, -1), x], dim=1))
         return self.token(x)
 
+    def output_layout(self, module: str) -> Optional[str]:
+        """Everything inside ``encoder`` outputs token sequences ``(N, 1 + patches, 768)``."""
+        return "tokens" if module == "encoder" or module.startswith("encoder.") else None
+
 
 def vit_b_16(*, num_classes: int, in_channels: int, image_size: int, dropout: float = 0.0) -> TorchvisionViT:
     """torchvision's ViT-B/16 (768-d class token); RGB 224 x 224 inputs."""
@@ -87,6 +94,14 @@ class TorchvisionSwin(Backbone):
 
     def feature_maps(self, x: Tensor) -> Tensor:
         return self.permute(self.norm(self.body(x)))
+
+    def output_layout(self, module: str) -> Optional[str]:
+        """Swin works channels last ``(N, H, W, C)``: every module of ``body`` after the patch embedding's
+        convolution (``body.0.0``), and ``norm``; ``permute`` turns the maps back to ``(N, C, H, W)``."""
+        if module == "norm" or (module.startswith("body") and module != "body.0.0"
+                                and not module.startswith("body.0.0.")):
+            return "channels_last"
+        return None
 
 
 def swin_t(*, num_classes: int, in_channels: int, image_size: int, dropout: float = 0.0) -> TorchvisionSwin:
