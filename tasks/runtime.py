@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Dict
 
 import torch
@@ -27,9 +28,20 @@ def fix_malloc_fragmentation(threshold: int = 1 << 20) -> None:
         pass
 
 
+def _quiet_exit_in_finalizer(unraisable) -> None:
+    """``sys.unraisablehook`` of worker processes: Ray stops a reused trial actor at the end of a search by
+    raising ``SystemExit`` (or ``KeyboardInterrupt``) in it; landing inside a garbage-collection callback, Python
+    prints that as an "Exception ignored" traceback in the user's terminal although nothing went wrong. Those two
+    are dropped; every other unraisable exception is printed as usual."""
+    if isinstance(unraisable.exc_value, (SystemExit, KeyboardInterrupt)):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def setup_worker() -> torch.device:
     """Use the GPU Ray assigned to this task (if any) and as many CPU threads as it reserved."""
     fix_malloc_fragmentation()
+    sys.unraisablehook = _quiet_exit_in_finalizer
     cpus = None
     try:
         import ray
