@@ -20,11 +20,24 @@ the free energy (Liu et al., NeurIPS 2020), ``CE`` the (optionally label-smoothe
   ``a_l`` of the layer (the per-layer energy that paper scores with), averaged over the ``L`` layers:
   ``CE(z, y) + λ · (1/L) Σ_l ( mean_ID relu(E_l − m_in)² + mean_outliers relu(m_out − E_l')² )``.
   ``layers`` (module names, required), ``m_in`` = −25, ``m_out`` = −7, ``lambda`` λ = 0.1 (the margins and
-  weight of Liu et al., which the regulariser transfers to the hidden layers). Caveat: that paper's public code
-  (github.com/gigug/LIR) holds only the per-layer scoring, and its text was not available to check the
-  regulariser against; this is Liu et al.'s energy-bounded loss on the per-layer energies, the form the
-  paper describes in words ("regularize [the intermediate-layer energies] during training"), with Liu et al.'s
-  margins, not values taken from the paper.
+  weight of Liu et al., which the regulariser transfers to the hidden layers). What could be checked: the
+  paper (arXiv:2502.12849) describes R-EBO as regularising intermediate layers "with an energy-based
+  contrastive loss" on the per-layer energies ``E_l(x) = −T log Σ_i exp(a_l^i(x) / T)`` with auxiliary
+  outliers (Liu et al.'s energy-bounded loss is that contrastive loss); its public code (github.com/gigug/LIR)
+  holds only the per-layer scoring, no training code, so the margins and weight are Liu et al.'s, not values
+  taken from the paper, and T = 1.
+
+* ``la_ood_cotrain`` (LA-OOD co-training: H. Wang, C. Zhao, X. Zhao & F. Chen, "Layer Adaptive Deep Neural
+  Networks for Out-of-distribution Detection", PAKDD 2022; code: github.com/haoliangwang86/LA-OOD,
+  ``co_train.py``): ``epochs`` of plain ``CE(z, y)``, then ``cotrain_epochs`` of fine-tuning with
+  ``CE(z, y) − λ/(2L) Σ_l Σ_i Σ_j α_lj exp(−γ_l ‖f̃_l(x_i) − s_lj‖²)`` against frozen per-layer RBF one-class
+  SVMs (support vectors ``s``, dual coefficients ``α``, width ``γ``) on the standardised spatial means ``f̃_l``
+  of the named ``layers`` (the phase, its formula and its details: :mod:`ood_core.cotraining`). Defaults
+  from the official code: ``lambda`` λ = 0.001, ``nu`` = 0.001, ``cotrain_epochs`` = 5, SGD ``lr`` = 0.001,
+  ``momentum`` = 0.9, ``weight_decay`` = 1e-4 (the co-training phase's optimizer; the main loop keeps the
+  training config's); ``max_fit_samples`` = 50000 (rows per OCSVM fit: the official code fits on all 50000
+  CIFAR training rows; the fit grows about quadratically, ~3 min per layer at 20000 rows on 2 CPU cores, so
+  lower it for a quick study); ``layers`` required. No auxiliary outliers.
 
 ``outlier_exposure``, ``energy_regularised`` and ``intermediate_energy`` need auxiliary outliers: each ID
 batch is paired with an outlier batch and both go through the network in one forward pass (as Hendrycks et
@@ -47,9 +60,16 @@ OBJECTIVE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "outlier_exposure": {"lambda": 0.5},
     "energy_regularised": {"lambda": 0.1, "m_in": -25.0, "m_out": -7.0},
     "intermediate_energy": {"lambda": 0.1, "m_in": -25.0, "m_out": -7.0, "layers": None},
+    "la_ood_cotrain": {"lambda": 0.001, "nu": 0.001, "cotrain_epochs": 5, "lr": 0.001, "momentum": 0.9,
+                       "weight_decay": 1e-4, "max_fit_samples": 50000, "layers": None},
 }
 #: the objectives that train on auxiliary outliers
 NEEDS_OUTLIERS = frozenset({"outlier_exposure", "energy_regularised", "intermediate_energy"})
+#: the objectives whose loss reads the activations of ``layers`` in every training step of the main loop
+#: (``la_ood_cotrain`` reads them only in its co-training phase, :mod:`ood_core.cotraining`)
+HOOKS_IN_LOSS = frozenset({"intermediate_energy"})
+#: the objectives with a phase after the main loop (:func:`ood_core.training.train_classifier` runs it)
+COTRAINING = frozenset({"la_ood_cotrain"})
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -110,7 +130,7 @@ class Objective:
         if self.name == "logitnorm":
             return logitnorm_loss(z_in, y, p["tau"], label_smoothing)
         ce = F.cross_entropy(z_in, y, label_smoothing=label_smoothing)
-        if self.name == "cross_entropy":
+        if self.name in ("cross_entropy", "la_ood_cotrain"):  # la_ood_cotrain: its main loop is plain CE
             return ce
         if len(z_out) == 0:
             raise ValueError(f"objective {self.name!r} needs a batch of auxiliary outliers")
@@ -158,6 +178,8 @@ def make_objective(spec: Any = None) -> Objective:
     if "m_in" in params and not params["m_in"] < params["m_out"]:
         raise ValueError(f"objective {name!r}: m_in must be below m_out (ID energy low, outlier energy high), "
                          f"got m_in={params['m_in']}, m_out={params['m_out']}")
+    if name == "la_ood_cotrain":
+        _check_cotrain(params)
     if "layers" in params:
         layers = params["layers"]
         if isinstance(layers, str):
@@ -167,6 +189,34 @@ def make_objective(spec: Any = None) -> Objective:
                              f"got {params['layers']!r}")
         params["layers"] = tuple(layers)
     return Objective(name, params)
+
+
+def _check_cotrain(params: Dict[str, Any]) -> None:
+    """The co-training parameters of ``la_ood_cotrain`` (``lambda`` is checked with the others), normalised
+    in place (integers as ``int``, the rest as ``float``); ``ValueError`` naming the parameter."""
+    from ood_core.detectors.ocsvm import MIN_ROWS  # the fewest rows LA-OOD's OCSVM fit takes
+
+    def number(k: str) -> float:
+        v = params[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
+            raise ValueError(f"objective 'la_ood_cotrain': {k} must be a finite number, got {v!r}")
+        return float(v)
+
+    def integer(k: str, low: int) -> int:
+        v = params[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or int(v) != v or v < low:
+            raise ValueError(f"objective 'la_ood_cotrain': {k} must be an integer >= {low}, got {v!r}")
+        return int(v)
+
+    checks = {"nu": (lambda v: 0 < v <= 1, "in (0, 1]"), "lr": (lambda v: v > 0, "> 0"),
+              "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (lambda v: v >= 0, ">= 0")}
+    for k, (ok, rule) in checks.items():
+        v = number(k)
+        if not ok(v):
+            raise ValueError(f"objective 'la_ood_cotrain': {k} must be {rule}, got {v}")
+        params[k] = v
+    params["cotrain_epochs"] = integer("cotrain_epochs", 1)
+    params["max_fit_samples"] = integer("max_fit_samples", MIN_ROWS)
 
 
 @contextlib.contextmanager
@@ -204,12 +254,14 @@ def objective_loss(model: nn.Module, objective: Objective, x: Tensor, y: Tensor,
     ``(loss, logits of x)``."""
     n_in = len(x)
     inputs = x if x_out is None else torch.cat([x, x_out.to(dtype=x.dtype)])
-    with _capture(model, objective.layers) as acts:
+    hooked = objective.layers if objective.name in HOOKS_IN_LOSS else ()
+    with _capture(model, hooked) as acts:
         logits = model(inputs)
-    loss = objective.loss(logits, y, n_in=n_in, activations=dict(acts) if objective.layers else None,
+    loss = objective.loss(logits, y, n_in=n_in, activations=dict(acts) if hooked else None,
                           label_smoothing=label_smoothing)
     return loss, logits[:n_in]
 
 
-__all__: List[str] = ["OBJECTIVE_DEFAULTS", "NEEDS_OUTLIERS", "Objective", "make_objective", "objective_loss",
-                      "check_layers", "logitnorm_loss", "uniform_posterior_ce", "free_energy", "energy_margin_loss"]
+__all__: List[str] = ["OBJECTIVE_DEFAULTS", "NEEDS_OUTLIERS", "HOOKS_IN_LOSS", "COTRAINING", "Objective",
+                      "make_objective", "objective_loss", "check_layers", "logitnorm_loss", "uniform_posterior_ce",
+                      "free_energy", "energy_margin_loss"]

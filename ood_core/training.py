@@ -12,6 +12,11 @@ Batches are augmented on the device (:mod:`ood_core.augment`: ``none``, ``flip``
 ``crop_flip_rotate_jitter_erase``). After every epoch the model is evaluated on the validation
 set; the weights with the best validation accuracy are restored at the end.
 
+The objective ``la_ood_cotrain`` (LA-OOD co-training, :mod:`ood_core.cotraining`) adds a phase after these
+``epochs`` of cross entropy: from the best weights, ``cotrain_epochs`` more epochs (numbered on from
+``epochs``) fine-tune the network against frozen per-layer one-class SVMs with the objective's own SGD
+settings; the final co-trained weights are kept.
+
 With ``resume_uri``, a resume checkpoint (model, optimizer, scheduler, AMP scaler, random states,
 history, best weights) is written atomically after every epoch, and training continues from it
 when it exists: a retried task loses at most one epoch and ends with the same weights as an
@@ -46,7 +51,7 @@ from ood_core import storage
 from ood_core.augment import AUGMENTATIONS, BatchAugment
 from ood_core.datasets.base import ArrayImageDataset, to_format
 from ood_core.errors import TrainingDivergedError
-from ood_core.objectives import check_layers, make_objective, objective_loss
+from ood_core.objectives import COTRAINING, check_layers, make_objective, objective_loss
 
 SCHEDULES = ("cosine", "cosine_epoch", "multistep", "constant")
 RESUME_FORMAT = "ood-sweep-resume"
@@ -345,6 +350,70 @@ def _load_resume(uri: str, fingerprint: Dict[str, Any]) -> Optional[Dict[str, An
     return payload
 
 
+def _cotrain(model: nn.Module, objective, cfg: TrainConfig, history: List[Dict[str, float]],
+             resumed: Optional[Dict[str, Any]], best_state: Optional[Dict[str, torch.Tensor]], *, seed: int,
+             device: torch.device, train_set: Dataset, train_loader, val_loader, augment: BatchAugment,
+             use_amp: bool, probe, on_epoch, save_resume) -> Any:
+    """The co-training phase of ``la_ood_cotrain`` (:mod:`ood_core.cotraining`) after the main loop: epochs
+    ``cfg.epochs + 1 ... cfg.epochs + cotrain_epochs``, appended to ``history``; resumes from ``resumed``'s
+    ``"cotrain"`` state (the frozen OCSVMs, the optimizer) when it has one. Returns the CoTrainer."""
+    from ood_core.cotraining import CoTrainer
+
+    cuda = device.type == "cuda"
+    total = cfg.epochs + int(objective.params["cotrain_epochs"])
+    trainer = CoTrainer(model, objective, amp=use_amp, fused=cuda)
+    unshuffled = _loader(train_set, max(256, cfg.batch_size), cfg, device, None)
+
+    def inputs(augmented: bool):
+        for x, y in unshuffled:
+            x, _ = _to_device(x, y, device, cuda)
+            if augmented:
+                x = augment(x)
+            yield x.contiguous(memory_format=torch.channels_last) if cuda else x
+
+    if resumed is not None and "cotrain" in resumed:
+        trainer.load_state_dict(resumed["cotrain"])  # the model is the resumed co-training epoch's
+    elif len(history) < total:
+        if best_state is not None:  # co-train the best weights of the main loop
+            model.load_state_dict(best_state)
+        trainer.fit(inputs(augmented=False), seed=_derived_seed(seed, 4) % 2**31)
+    for epoch in range(len(history) + 1, total + 1):
+        start = time.perf_counter()
+        trainer.standardise(inputs(augmented=True))  # this epoch's m_l, sigma_l (eval mode, augmented batches)
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        term_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        for x, y in train_loader:
+            x, y = _to_device(x, y, device, cuda)
+            x = augment(x)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss, logits, term = trainer.step(x, y, cfg.label_smoothing)
+            loss_sum += loss.double() * len(y)
+            term_sum += term.double()
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        train_loss = loss_sum.item() / seen
+        if not math.isfinite(train_loss):
+            raise TrainingDivergedError(f"train_classifier: co-training loss is {train_loss} in epoch {epoch} "
+                                        f"(lr={trainer.lr:g}); lower the objective's lr")
+        val = _evaluate(model, val_loader, device, use_amp) if val_loader is not None \
+            else {"loss": math.nan, "acc": math.nan}
+        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
+               "val_loss": val["loss"], "val_acc": val["acc"], "lr": trainer.lr,
+               "ocsvm_term": term_sum.item() / seen, "time_s": time.perf_counter() - start}
+        if probe is not None:
+            row.update({k: float(v) for k, v in probe(model).items()})
+        history.append(row)
+        if save_resume is not None:
+            save_resume(trainer.state_dict())
+        if on_epoch is not None:
+            on_epoch(dict(row))
+    return trainer
+
+
 def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], cfg: TrainConfig, *,
                      seed: int, device: Union[str, torch.device],
                      on_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
@@ -377,7 +446,10 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
 
     At the end ``model`` holds the weights of the epoch with the best validation accuracy
     (the earliest on ties; the last epoch without a validation set), is on ``device`` in
-    eval mode. Raises :class:`~ood_core.errors.TrainingDivergedError` (a ``FloatingPointError``) if the
+    eval mode. With ``la_ood_cotrain``, the co-training epochs follow (they start from those best weights; their
+    rows add ``ocsvm_term``, the epoch's mean of the detector term of :func:`ood_core.cotraining.detector_term`
+    per sample) and ``model`` ends with the last co-training epoch's weights. Raises
+    :class:`~ood_core.errors.TrainingDivergedError` (a ``FloatingPointError``) if the
     training loss becomes NaN / inf.
     """
     if len(train_set) == 0:
@@ -415,8 +487,21 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
 
     history: List[Dict[str, float]] = []
     best_acc, best_state = -math.inf, None
+    cotrainer = None  # the co-training phase's state (la_ood_cotrain), once it has started
     fingerprint = _fingerprint(cfg, seed, model, len(train_set))
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else []
+
+    def save_resume(cotrain_state: Optional[Dict[str, Any]] = None) -> None:
+        _save_resume(resume_uri, {
+            "format": RESUME_FORMAT, "version": RESUME_VERSION, "fingerprint": fingerprint,
+            "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": {"shuffle": shuffle_gen.get_state(), "augment": aug_gen.get_state(),
+                    **({"outliers": outlier_gen.get_state()} if outlier_gen is not None else {}),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if cuda else None},
+            "history": history, "best_acc": best_acc, "best_state": best_state,
+            **({"cotrain": cotrain_state} if cotrain_state is not None else {})})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_derived_seed(seed, 2))  # dropout & co.: seeded, global state restored after
         resumed = _load_resume(resume_uri, fingerprint) if resume_uri else None
@@ -484,19 +569,17 @@ def train_classifier(model: nn.Module, train_set: Dataset, val_set: Optional[Dat
                 best_acc = val["acc"]
                 best_state = _cpu_state(model)
             if resume_uri:
-                _save_resume(resume_uri, {
-                    "format": RESUME_FORMAT, "version": RESUME_VERSION, "fingerprint": fingerprint,
-                    "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": {"shuffle": shuffle_gen.get_state(), "augment": aug_gen.get_state(),
-                            **({"outliers": outlier_gen.get_state()} if outlier_gen is not None else {}),
-                            "torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state(device) if cuda else None},
-                    "history": history, "best_acc": best_acc, "best_state": best_state})
+                save_resume()
             if on_epoch is not None:
                 on_epoch(dict(row))
 
-    if best_state is not None:
+        if objective.name in COTRAINING:
+            cotrainer = _cotrain(model, objective, cfg, history, resumed, best_state, seed=seed, device=device,
+                                 train_loader=train_loader, train_set=train_set, val_loader=val_loader,
+                                 augment=augment, use_amp=use_amp, probe=probe, on_epoch=on_epoch,
+                                 save_resume=save_resume if resume_uri else None)
+
+    if best_state is not None and cotrainer is None:
         model.load_state_dict(best_state)
     if cuda:
         model.to(memory_format=torch.contiguous_format)

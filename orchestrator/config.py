@@ -99,21 +99,30 @@ class DataConfig(_Strict):
 
 class ObjectiveSection(_Strict):
     """The training objective (``ood_core.objectives``; formulas, papers and defaults there): ``name`` and the
-    parameters that objective takes (``lambda``, ``tau``, ``m_in``, ``m_out``, ``layers``); unset ones take their
-    paper's default. Dumped as the full parameter set of ``name``, so the cache key names every value used."""
+    parameters that objective takes (``lambda``, ``tau``, ``m_in``, ``m_out``, ``layers``; for ``la_ood_cotrain``
+    also ``nu``, ``cotrain_epochs``, ``lr``, ``momentum``, ``weight_decay``, ``max_fit_samples``); unset ones take
+    their paper's default. Dumped as the full parameter set of ``name``, so the cache key names every value used."""
 
     name: Literal["cross_entropy", "logitnorm", "outlier_exposure", "energy_regularised",
-                  "intermediate_energy"] = "cross_entropy"
+                  "intermediate_energy", "la_ood_cotrain"] = "cross_entropy"
     lambda_: Optional[float] = Field(None, alias="lambda")
     tau: Optional[float] = None
     m_in: Optional[float] = None
     m_out: Optional[float] = None
     layers: Optional[List[str]] = None
+    nu: Optional[float] = None
+    cotrain_epochs: Optional[int] = None
+    lr: Optional[float] = None
+    momentum: Optional[float] = None
+    weight_decay: Optional[float] = None
+    max_fit_samples: Optional[int] = None
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     def spec(self) -> Dict[str, Any]:
-        given = {"lambda": self.lambda_, "tau": self.tau, "m_in": self.m_in, "m_out": self.m_out, "layers": self.layers}
+        given = {"lambda": self.lambda_, "tau": self.tau, "m_in": self.m_in, "m_out": self.m_out, "layers": self.layers,
+                 "nu": self.nu, "cotrain_epochs": self.cotrain_epochs, "lr": self.lr, "momentum": self.momentum,
+                 "weight_decay": self.weight_decay, "max_fit_samples": self.max_fit_samples}
         return {"name": self.name, **{k: v for k, v in given.items() if v is not None}}
 
     @model_validator(mode="after")

@@ -89,7 +89,8 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
 
     from tasks.progress import worker_progress
 
-    bar = worker_progress(cfg.epochs, f"train {backbone['label']}", "epochs")
+    cotrain = cfg.objective.get("cotrain_epochs", 0) if isinstance(cfg.objective, dict) else 0
+    bar = worker_progress(cfg.epochs + int(cotrain), f"train {backbone['label']}", "epochs")
 
     def on_epoch(row):
         nc = f" nc1={row['nc1']:.3g}" if "nc1" in row else ""

@@ -78,8 +78,13 @@ def test_defaults_are_the_papers():
     assert make_objective("outlier_exposure").params == {"lambda": 0.5}
     assert make_objective("energy_regularised").params == {"lambda": 0.1, "m_in": -25.0, "m_out": -7.0}
     assert make_objective(None).to_dict() == {"name": "cross_entropy"}
+    # LA-OOD co-training: the official code's defaults (co_train.py: 5 epochs, SGD lr 0.001, momentum 0.9, weight
+    # decay 1e-4, lambda 0.001; train_ood_detectors.py: nu 0.001, fitted on all 50000 CIFAR training rows)
+    assert make_objective({"name": "la_ood_cotrain", "layers": ["a"]}).params == {
+        "lambda": 0.001, "nu": 0.001, "cotrain_epochs": 5, "lr": 0.001, "momentum": 0.9, "weight_decay": 1e-4,
+        "max_fit_samples": 50000, "layers": ("a",)}
     assert set(OBJECTIVE_DEFAULTS) == {"cross_entropy", "logitnorm", "outlier_exposure", "energy_regularised",
-                                       "intermediate_energy"}
+                                       "intermediate_energy", "la_ood_cotrain"}
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -90,6 +95,21 @@ def test_defaults_are_the_papers():
     ({"name": "energy_regularised", "m_in": -5, "m_out": -9}, "m_in must be below"),
     ({"name": "intermediate_energy"}, "layers"),
     ({"name": "intermediate_energy", "layers": ["a", "a"]}, "layers"),
+    ({"name": "la_ood_cotrain"}, "layers"),
+    ({"name": "la_ood_cotrain", "layers": []}, "layers"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "lambda": -0.1}, "lambda must be >= 0"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "nu": 0}, r"nu must be in \(0, 1\]"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "nu": 1.5}, "nu must be in"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "nu": "0.1"}, "nu must be a finite number"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "lr": 0}, "lr must be > 0"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "lr": float("nan")}, "lr must be a finite number"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "weight_decay": -1e-4}, "weight_decay must be >= 0"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "cotrain_epochs": 0}, "cotrain_epochs must be an integer >= 1"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "cotrain_epochs": 2.5}, "cotrain_epochs must be an integer"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "cotrain_epochs": True}, "cotrain_epochs must be an integer"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "max_fit_samples": 5}, "max_fit_samples must be an integer >= 10"),
+    ({"name": "la_ood_cotrain", "layers": ["a"], "tau": 0.1}, "takes"),
 ])
 def test_bad_parameters_are_refused(spec, match):
     with pytest.raises(ValueError, match=match):

@@ -112,8 +112,25 @@ def test_shipped_objectives_sweep_plans():
     cfg = load_config(OBJECTIVES)
     plan = make_plan(cfg)
     names = [bb.train.get("objective", {"name": "cross_entropy"})["name"] for bb in plan.backbones]
-    assert names == ["cross_entropy", "logitnorm", "outlier_exposure", "intermediate_energy"]
-    assert len({bb.key for bb in plan.backbones}) == 4
+    assert names == ["cross_entropy", "logitnorm", "outlier_exposure", "intermediate_energy", "la_ood_cotrain"]
+    assert len({bb.key for bb in plan.backbones}) == 5
+
+
+def test_cotraining_parameters_enter_the_key_and_its_layers_are_checked(base):
+    spec = {"name": "la_ood_cotrain", "layers": ["conv1", "gap"]}
+    keys = {_key(_cfg(base, spec)), _key(_cfg(base, {**spec, "lambda": 0.01})), _key(_cfg(base, {**spec, "nu": 0.01})),
+            _key(_cfg(base, {**spec, "cotrain_epochs": 3})), _key(_cfg(base, {**spec, "lr": 0.01})),
+            _key(_cfg(base, {**spec, "momentum": 0.5})), _key(_cfg(base, {**spec, "weight_decay": 0.0})),
+            _key(_cfg(base, {**spec, "max_fit_samples": 100})), _key(_cfg(base, {**spec, "layers": ["conv1"]})),
+            QUICKSTART_KEY}
+    assert len(keys) == 10
+    assert _key(_cfg(base, {**spec, "lambda": 0.001, "cotrain_epochs": 5})) == _key(_cfg(base, spec))  # defaults
+    assert make_plan(_cfg(base, spec)).backbones[0].train["objective"]["max_fit_samples"] == 50000
+    assert "outliers" not in make_plan(_cfg(base, spec, OUTLIERS)).backbones[0].train  # it trains on none
+    with pytest.raises(ConfigError, match=r"^backbones\[0\]\.train\.objective\.layers: small_cnn has no module 'x'"):
+        make_plan(_cfg(base, {**spec, "layers": ["x"]}))
+    with pytest.raises(ConfigError, match=r"backbones\[0\]\.train\.objective.*nu"):
+        _cfg(base, {**spec, "nu": 2})
 
 
 def _msp_far_auroc(objective, seed=0):
