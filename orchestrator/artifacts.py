@@ -11,8 +11,8 @@ def log_detector_figures(tracker: Tracker, run_id: str, title: str, scores: Dict
     from ood_core.plots import roc_figure, score_histogram_figure
 
     ood = {k: v for k, v in scores.items() if k != "id-test"}
-    tracker.log_figure(run_id, roc_figure(scores["id-test"], ood, title), "roc.png")
-    tracker.log_figure(run_id, score_histogram_figure(scores["id-test"], ood, title), "scores.png")
+    tracker.log_figure(run_id, lambda: roc_figure(scores["id-test"], ood, title), "roc.png")
+    tracker.log_figure(run_id, lambda: score_histogram_figure(scores["id-test"], ood, title), "scores.png")
 
 
 def log_exit_figures(tracker: Tracker, run_id: str, label: str, layers: Sequence[str], scores_uri: str) -> None:
@@ -30,7 +30,8 @@ def log_exit_figures(tracker: Tracker, run_id: str, label: str, layers: Sequence
         metrics[f"layers_used/{name}"] = used
         metrics[f"compute_saved/{name}"] = 1.0 - used / max(1, len(layers))
     tracker.log(run_id, metrics=metrics)
-    tracker.log_figure(run_id, exit_layer_figure(exits, layers, f"{label}: exit layer per sample"), "exit_layers.png")
+    tracker.log_figure(run_id, lambda: exit_layer_figure(exits, layers, f"{label}: exit layer per sample"),
+                       "exit_layers.png")
 
 
 def log_roc_grids(tracker: Tracker, parent: str, panels: Dict[str, Dict]) -> None:
@@ -38,8 +39,8 @@ def log_roc_grids(tracker: Tracker, parent: str, panels: Dict[str, Dict]) -> Non
     from ood_core.plots import roc_grid_figure
 
     for bb_label, by_det in panels.items():
-        fig = roc_grid_figure(by_det, f"ROC curves of the selected detectors ({bb_label})")
-        tracker.log_figure(parent, fig, f"roc_{bb_label}.png")
+        tracker.log_figure(parent, lambda by_det=by_det, bb_label=bb_label: roc_grid_figure(
+            by_det, f"ROC curves of the selected detectors ({bb_label})"), f"roc_{bb_label}.png")
 
 
 def log_layer_analysis(tracker: Tracker, parent: str, plan) -> None:
@@ -59,9 +60,9 @@ def log_layer_analysis(tracker: Tracker, parent: str, plan) -> None:
         final = rows[-1]
         for key in [k for k in rows[0] if k.startswith("auroc/")]:
             ood = key.split("/", 1)[1]
-            fig = per_layer_auroc_figure([r["layer"] for r in rows[:-1]], [r[key] for r in rows[:-1]], final[key],
-                                         f"{bb.label} vs {ood}: energy AUROC per layer")
-            tracker.log_figure(parent, fig, f"per_layer/{bb.label}_{ood}.png")
+            tracker.log_figure(parent, lambda rows=rows, key=key, final=final, title=f"{bb.label} vs {ood}": (
+                per_layer_auroc_figure([r["layer"] for r in rows[:-1]], [r[key] for r in rows[:-1]], final[key],
+                                       f"{title}: energy AUROC per layer")), f"per_layer/{bb.label}_{ood}.png")
         better = [r["layer"] for r in rows[:-1]
                   if any(beats_final_layer(r[k], final[k]) for k in r if k.startswith("auroc/"))]
         print(f"[layers] {bb.label}: {len(rows) - 1} layers analysed; better than the final layer and than chance "
@@ -74,5 +75,6 @@ def log_collapse_curves(tracker: Tracker, run_id: str, title: str, history: Sequ
 
     if not any("nc1" in row for row in history):
         return False
-    tracker.log_figure(run_id, neural_collapse_figure(history, f"{title}: neural collapse"), "neural_collapse.png")
+    tracker.log_figure(run_id, lambda: neural_collapse_figure(history, f"{title}: neural collapse"),
+                       "neural_collapse.png")
     return True

@@ -231,9 +231,8 @@ def log_deltas(tracker, run_id: str, cfg, rows: Sequence[Dict]) -> str:
     if listed:
         from ood_core.plots import delta_bars_figure
 
-        fig = delta_bars_figure([f"{e['detector']}\n({e['method']})" for e in listed],
-                                {"near AUROC": [e["near/auroc/delta"] for e in listed],
-                                 "far AUROC": [e["far/auroc/delta"] for e in listed]},
-                                f"{cfg.name}: reproduced − OpenOOD leaderboard", "reproduced − reported (points)")
-        tracker.log_figure(run_id, fig, "leaderboard_deltas.png")
+        tracker.log_figure(run_id, lambda: delta_bars_figure(
+            [f"{e['detector']}\n({e['method']})" for e in listed],
+            {"near AUROC": [e["near/auroc/delta"] for e in listed], "far AUROC": [e["far/auroc/delta"] for e in listed]},
+            f"{cfg.name}: reproduced − OpenOOD leaderboard", "reproduced − reported (points)"), "leaderboard_deltas.png")
     return format_deltas(table, cfg.report.leaderboard)

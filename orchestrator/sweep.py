@@ -552,6 +552,29 @@ class SweepRunner:
             self._ray_started = True
             self.clock.start(stage)
 
+    def _work_for_ray(self) -> bool:
+        """Whether a stage will certainly run Ray tasks: a checkpoint to train or a feature file to extract is
+        absent (existence only; damaged files are found by the stages, which start Ray when they need it)."""
+        from ood_core.storage import exists
+
+        return any((bb.checkpoint is None and not exists(bb.checkpoint_uri))
+                   or any(not exists(f.uri) for f in bb.features) for bb in self.plan.backbones)
+
+    def _open_tracker(self) -> Tracker:
+        """The sweep's MLflow tracker; when the sweep will need Ray, Ray starts meanwhile (both take seconds:
+        MLflow creating or checking its store, Ray its processes)."""
+        if self._ray_started or not self._work_for_ray():
+            return Tracker(self.tracking_uri, self.cfg.name)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-store") as pool:
+            opening = pool.submit(Tracker, self.tracking_uri, self.cfg.name)
+            try:
+                self._ray()  # in this thread: Ray's start does not work from another one
+            finally:
+                tracker = opening.result()
+        return tracker
+
     @staticmethod
     def _local(uri: str) -> bool:
         return "://" not in uri or uri.startswith("file://")
@@ -597,7 +620,7 @@ class SweepRunner:
         cfg = self.cfg
         started = time.perf_counter()
         self.clock.start("setup")
-        tracker = Tracker(self.tracking_uri, cfg.name)
+        tracker = self._open_tracker()
         _say(f"[sweep] {cfg.name}: {len(self.plan.backbones)} backbone(s), {len(cfg.detectors)} detector(s); "
              f"MLflow {self.tracking_uri}, experiment {cfg.name!r}")
         parent, resumed = tracker.open_sweep(f"sweep {cfg.name}", self.sweep_key)
@@ -629,7 +652,7 @@ class SweepRunner:
 
             scored = [r for r in rows if not r.get("failed")]
             if scored:
-                tracker.log_figure(parent, detector_comparison_figure(scored), "detector_comparison.png")
+                tracker.log_figure(parent, lambda: detector_comparison_figure(scored), "detector_comparison.png")
             board = leaderboard.log_deltas(tracker, parent, cfg, rows) if cfg.report.leaderboard else ""
             overlap = val_test_overlap(cfg)
             flagged = report.problems(rows)
@@ -637,6 +660,7 @@ class SweepRunner:
                 f"every trial failed; {r['failed']}" if r.get("failed") else
                 f"{report.trials_cell(r)} trials finished; {r['failed_trials'][0]['reason']}")
                 for r in rows if r.get("failed") or r["failed_trials"]]
+            tracker.wait_figures()  # rendered while the sweep went on; the summary page embeds them
             stages = self.clock.stop()
             tracker.log(parent, metrics={**report.summary_metrics(rows),
                                          **{f"seconds/{name.replace(' ', '_')}": s for name, s in stages.items()}},

@@ -104,6 +104,8 @@ class Tracker:
         self.experiment = experiment
         #: PNG bytes of the figures logged through this tracker, per run (for the summary page)
         self.figures: Dict[str, Dict[str, bytes]] = {}
+        self._figure_pool = None
+        self._pending_figures: list = []
 
     def _experiment_id(self, name: str) -> str:
         """The experiment's id, created when absent (a concurrent creation makes the retry find it)."""
@@ -191,11 +193,32 @@ class Tracker:
             self.client.log_batch(run_id, metrics=ms[i:i + 900])
 
     def log_figure(self, run_id: str, figure, name: str) -> None:
-        """A matplotlib figure as the PNG artifact ``name`` (rendered once; kept in :attr:`figures`)."""
+        """A matplotlib figure as the PNG artifact ``name`` (rendered once; kept in :attr:`figures`).
+
+        ``figure`` is a Figure, or a function that builds one: a function is built, rendered and logged on this
+        tracker's one figure thread while the sweep goes on (its driver otherwise only waits on Ray; rendering
+        took seconds per sweep), and matplotlib is then used by that thread alone. :meth:`wait_figures` waits for
+        them and raises the first error."""
+        if callable(figure) and not hasattr(figure, "savefig"):
+            if self._figure_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._figure_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figures")
+            self._pending_figures.append(self._figure_pool.submit(self._render_and_log, run_id, figure, name))
+            return
+        self._render_and_log(run_id, lambda: figure, name)
+
+    def wait_figures(self) -> None:
+        """Wait until every figure given as a function is logged; the first error is raised here."""
+        pending, self._pending_figures = self._pending_figures, []
+        for future in pending:
+            future.result()
+
+    def _render_and_log(self, run_id: str, build, name: str) -> None:
         import io
 
         buf = io.BytesIO()
-        figure.savefig(buf, format="png")
+        build().savefig(buf, format="png")
         png = self.figures.setdefault(run_id, {})[name] = buf.getvalue()
         folder, base = os.path.split(name)
         with tempfile.TemporaryDirectory() as tmp:

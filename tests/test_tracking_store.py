@@ -71,3 +71,37 @@ def test_a_damaged_store_is_one_line(tmp_path):
     db.write_bytes(b"this is not an sqlite file" * 200)
     with pytest.raises(UserError, match=r"tracking store sqlite:///.*mlflow.db cannot be used \(file is not a database\)"):
         Tracker(f"sqlite:///{db}", "damaged")
+
+
+def test_figures_given_as_functions_are_rendered_on_one_thread_and_logged(tmp_path):
+    from matplotlib.figure import Figure
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "figures")
+    run = tracker.start_run("probe")
+    threads = {}
+
+    def build(title):
+        threads[title] = threading.current_thread().name
+        fig = Figure(figsize=(2, 2))
+        fig.add_subplot().set_title(title)
+        return fig
+
+    tracker.log_figure(run, lambda: build("a"), "a.png")
+    tracker.log_figure(run, lambda: build("b"), "sub/b.png")
+    tracker.log_figure(run, build("c"), "c.png")  # a Figure: rendered here and now
+    tracker.wait_figures()
+    assert threads["a"] == threads["b"] != threads["c"] == threading.current_thread().name
+    assert threads["a"].startswith("figures")
+    assert set(tracker.figures[run]) == {"a.png", "sub/b.png", "c.png"}
+    assert all(png.startswith(b"\x89PNG") for png in tracker.figures[run].values())
+    logged = {f.path for f in tracker.client._client.list_artifacts(run)} | \
+        {f.path for f in tracker.client._client.list_artifacts(run, "sub")}
+    assert {"a.png", "c.png", "sub/b.png"} <= logged
+
+    def broken():
+        raise RuntimeError("no figure")
+
+    tracker.log_figure(run, broken, "x.png")
+    with pytest.raises(RuntimeError, match="no figure"):
+        tracker.wait_figures()
+    tracker.wait_figures()  # reported once
