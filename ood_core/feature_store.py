@@ -32,10 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import AtomicOutput, Cached, PathLike, resolve, verify_cached
+from .storage import AtomicOutput, Cached, PathLike, atomic_output, resolve, verify_cached
 
-__all__ = ["FeatureSet", "FeatureWriter", "read_features", "describe_feature_file", "FeatureFileInfo",
-           "validate_feature_file", "check_feature_file", "META_PREFIX",
+__all__ = ["FeatureSet", "FeatureWriter", "read_features", "merge_feature_files", "describe_feature_file",
+           "FeatureFileInfo", "validate_feature_file", "check_feature_file", "META_PREFIX",
            "INDEX_COLUMN", "LABEL_COLUMN", "FORMAT_VERSION"]
 
 META_PREFIX = "ood_sweep."
@@ -297,6 +297,42 @@ class FeatureWriter:
                 except BaseException as exc:  # noqa: BLE001
                     if self._error is None:
                         self._error = exc
+
+
+def merge_feature_files(parts: Sequence[PathLike], uri: PathLike, *, record_hash: bool = False,
+                        compression: Optional[str] = "snappy") -> int:
+    """Concatenate feature files written for consecutive row ranges of one data set (extraction shards) into
+    the single file ``uri``, atomically; returns its row count.
+
+    The parts must share one schema (columns, their metadata and the file's metadata) and their ``index``
+    columns must continue each other (part ``k + 1`` starts where part ``k`` ends, the first at 0), so the
+    result is the file one extraction over the whole set writes, row for row and value for value (its row
+    groups may be cut elsewhere). Streamed one row group at a time: memory stays one row group, not the set.
+    ``ValueError`` naming the part when a schema or the row order does not fit."""
+    if not parts:
+        raise ValueError("merge_feature_files: no parts")
+    schema, expected = None, 0
+    for part in parts:
+        fs, path = resolve(part)
+        part_schema = pq.read_schema(path, filesystem=fs)
+        if schema is None:
+            schema = part_schema
+        elif not part_schema.equals(schema, check_metadata=True):
+            raise ValueError(f"merge_feature_files: {part} has another schema than {parts[0]}")
+    with atomic_output(uri, record_hash=record_hash) as sink:
+        with pq.ParquetWriter(sink, schema, compression=compression) as writer:
+            for part in parts:
+                fs, path = resolve(part)
+                reader = pq.ParquetFile(fs.open_input_file(path))
+                for g in range(reader.num_row_groups):
+                    table = reader.read_row_group(g)
+                    index = table.column(INDEX_COLUMN)
+                    if table.num_rows and index[0].as_py() != expected:
+                        raise ValueError(f"merge_feature_files: {part} row group {g} starts at index "
+                                         f"{index[0].as_py()}, expected {expected}")
+                    expected += table.num_rows
+                    writer.write_table(table)
+    return expected
 
 
 # ---------------------------------------------------------------------- reading

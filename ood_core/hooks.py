@@ -340,11 +340,12 @@ def _progress_callback(progress) -> Optional[Callable[[int], Any]]:
 def extract_features(model: nn.Module, loader: Iterable, layers: Sequence[LayerSpec], uri: PathLike, *,
                      metadata: Optional[Mapping[str, str]] = None, device: Union[str, torch.device, None] = None,
                      progress=None, amp: bool = False, writer_options: Optional[Mapping[str, Any]] = None,
-                     ) -> Dict[str, Any]:
+                     index_start: int = 0) -> Dict[str, Any]:
     """Run ``model`` over ``loader`` and write the ``layers`` of every sample to the Parquet file ``uri``.
 
     ``loader`` yields ``(x, y)`` (or ``x`` alone: labels are then ``-1``); the ``index`` column is the
-    running sample position in loader order. The model is moved to ``device`` (default: where its
+    running sample position in loader order, from ``index_start`` (a shard of a data set: the position of its
+    first sample, so that :func:`~ood_core.feature_store.merge_feature_files` joins the shards). The model is moved to ``device`` (default: where its
     parameters are) and run in eval mode under ``torch.inference_mode`` (its training flag is restored
     afterwards); inputs are copied with ``non_blocking=True``; ``amp=True`` enables float16 autocast on
     CUDA (ignored elsewhere; captured values are float32 either way). Batches are streamed to a
@@ -377,6 +378,7 @@ def extract_features(model: nn.Module, loader: Iterable, layers: Sequence[LayerS
     model.eval()
     hooks = _Hooks(model, layers)
     n = batches = 0
+    first = int(index_start)
     start = time.perf_counter()
     try:
         with FeatureWriter(uri, meta, column_meta, **dict(writer_options or {})) as writer, torch.inference_mode():
@@ -397,7 +399,7 @@ def extract_features(model: nn.Module, loader: Iterable, layers: Sequence[LayerS
                     ready = event.synchronize
                 labels = (np.full(bs, -1, dtype=np.int64) if y is None
                           else torch.as_tensor(y).reshape(-1).cpu().numpy().astype(np.int64, copy=False))
-                writer.write(np.arange(n, n + bs, dtype=np.int64), labels,
+                writer.write(np.arange(first + n, first + n + bs, dtype=np.int64), labels,
                              {s.column: cols[s.column].numpy() for s in layers}, ready=ready)
                 n += bs
                 batches += 1

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_curve
 from .metrics import as_numpy, auroc
 
 __all__ = ["roc_figure", "score_histogram_figure", "per_layer_auroc_figure", "beats_final_layer", "roc_grid_figure",
-           "detector_comparison_figure", "exit_layer_figure", "delta_bars_figure", "neural_collapse_figure",
+           "detector_comparison_figure", "backbone_comparison_figure", "exit_layer_figure", "delta_bars_figure", "neural_collapse_figure",
            "ID_COLOUR", "OOD_COLOURS"]
 
 
@@ -172,11 +172,12 @@ def _representation(detector_type: Optional[str]) -> str:
 
 
 def detector_comparison_figure(rows: Sequence[Mapping], groups: Sequence[str] = ("near", "far"),
-                               metric: str = "auroc") -> Figure:
+                               metric: str = "auroc", title: Optional[str] = None) -> Figure:
     """Horizontal grouped bars, one row per detector (rows ``{"detector", "type", "<group>/<metric>"}``), grouped
     by the representation it reads and sorted within a group from best to worst (mean over the OOD groups);
-    several seeds are averaged and their spread drawn as error bars (none with one seed). The chance line is at
-    0.5 for AUROC. The figure grows with the number of detectors, so it stays readable at 40 and more."""
+    several seeds are averaged and their spread drawn as error bars (none with one seed): give it the rows of one
+    backbone (its seeds), never of backbones that differ otherwise. The chance line is at 0.5 for AUROC. The
+    figure grows with the number of detectors, so it stays readable at 40 and more."""
     by_det: dict = {}
     kind: dict = {}
     for row in rows:
@@ -208,8 +209,46 @@ def detector_comparison_figure(rows: Sequence[Mapping], groups: Sequence[str] = 
     if metric == "auroc":
         ax.axvline(0.5, ls="--", color="black", lw=1, label="chance (0.5)")
     ax.set(xlabel=f"test {metric.upper()}", xlim=(0.0, 1.0) if metric != "fpr95" else None,
-           title=f"Selected detectors: test {metric.upper()} per OOD group")
+           title=title or f"Selected detectors: test {metric.upper()} per OOD group")
     fig.legend(loc="outside lower center", ncols=len(groups) + 1, fontsize="small")
+    return fig
+
+
+def backbone_comparison_figure(rows: Sequence[Mapping], groups: Sequence[str] = ("near", "far"),
+                               metric: str = "auroc", title: Optional[str] = None) -> Figure:
+    """The same detectors on different backbones (architectures, training objectives): one panel per OOD group,
+    per detector one bar per backbone (rows ``{"detector", "backbone_name", "<group>/<metric>"}``; the seeds of a
+    backbone averaged, their spread as error bars), backbones in the order first seen, detectors in the order
+    first seen. The chance line is at 0.5 for AUROC."""
+    values: dict = {}
+    backbones: list = []
+    detectors: list = []
+    for row in rows:
+        bb, det = row["backbone_name"], row["detector"]
+        backbones += [bb] * (bb not in backbones)
+        detectors += [det] * (det not in detectors)
+        for g in groups:
+            v = row.get(f"{g}/{metric}")
+            if v is not None:
+                values.setdefault((g, det, bb), []).append(float(v))
+    colours = [f"C{i % 10}" for i in range(len(backbones))]
+    height = 0.8 / max(1, len(backbones))
+    fig = _figure(4.0 * len(groups) + 2.0, max(3.0, 0.22 * len(detectors) * len(backbones) + 1.8))
+    axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
+    y = np.arange(len(detectors))[::-1]
+    for ax, g in zip(axes, groups):
+        for j, bb in enumerate(backbones):
+            vals = [values.get((g, d, bb), [np.nan]) for d in detectors]
+            spread = [np.std(v, ddof=1) if len(v) > 1 else np.nan for v in vals]
+            ax.barh(y + ((len(backbones) - 1) / 2 - j) * height, [np.mean(v) for v in vals], height,
+                    xerr=spread if any(np.isfinite(spread)) else None, capsize=2, color=colours[j],
+                    label=bb if g == groups[0] else None)
+        if metric == "auroc":
+            ax.axvline(0.5, ls="--", color="black", lw=1, label="chance (0.5)" if g == groups[0] else None)
+        ax.set(xlabel=f"{g} OOD: test {metric.upper()}", xlim=(0.0, 1.0) if metric != "fpr95" else None)
+    axes[0].set_yticks(y, detectors, fontsize=8)
+    fig.suptitle(title or f"Backbones compared: test {metric.upper()} of each detector's selected configuration")
+    fig.legend(loc="outside lower center", ncols=min(len(backbones) + 1, 6), fontsize="small")
     return fig
 
 

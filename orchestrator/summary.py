@@ -10,7 +10,7 @@ from typing import Dict, Mapping, Sequence
 from orchestrator import report
 
 #: the order in which the sweep run's figures appear (by name prefix); the rest follow by name
-FIGURE_ORDER = ("detector_comparison", "roc_", "per_layer/", "neural_collapse")
+FIGURE_ORDER = ("backbone_comparison", "detector_comparison", "roc_", "per_layer/", "neural_collapse")
 
 _STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 1.5em; color: #222; }

@@ -10,7 +10,7 @@ import json
 import os
 import time
 from dataclasses import asdict
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from orchestrator import artifacts, leaderboard, report, search_cache
 from orchestrator.config import SweepConfig, val_test_overlap
@@ -259,13 +259,14 @@ class SweepRunner:
     def extract(self) -> None:
         import ray
         from ood_core.feature_store import check_feature_file
-        from tasks.extract import extract_dataset
+        from tasks.extract import extract_dataset, merge_shards
 
         cfg, plan = self.cfg, self.plan
         res = cfg.resources
         remote = ray.remote(extract_dataset).options(num_cpus=res.cpus_per_task, num_gpus=res.gpus_per_task,
                                                      max_retries=res.max_retries)
-        refs, cached = [], 0
+        merge = ray.remote(merge_shards).options(num_cpus=min(1, res.cpus_per_task), max_retries=res.max_retries)
+        todo, cached = [], 0
         for bb in plan.backbones:
             for f in bb.features:
                 check = check_feature_file(f.uri, bb.columns)  # content vs its sha256, then structure
@@ -273,23 +274,63 @@ class SweepRunner:
                     _say(f"[extract] {bb.label}/{f.dataset.label}: {check.note}")
                 if check.ok:
                     cached += 1
-                    continue
-                self._ray()
-                refs.append(remote.remote(_bb_dict(bb), _feature_dict(f), bb.layers, plan.num_classes,
-                                          plan.input_format, cfg.extract.batch_size))
-        total = cached + len(refs)
+                else:
+                    todo.append((bb, f))
+        total = cached + len(todo)
         if cached:
             _say(f"[extract] reusing {cached} of {total} cached feature files")
-        if refs:
-            _say(f"[extract] extracting {len(refs)} feature files "
-                 f"({', '.join(str(len(bb.layers)) for bb in plan.backbones)} representations per backbone)")
-            with driver_progress(len(refs), "extract", "sets") as bar:
-                left = refs
-                while left:
-                    done, left = ray.wait(left, num_returns=1, timeout=POLL_S)
-                    raise_if_interrupted()
-                    ray.get(done)
-                    bar.update(len(done))
+        if not todo:
+            return
+        self._ray()
+        shards = self._shards()
+        _say(f"[extract] extracting {len(todo)} feature files "
+             f"({', '.join(str(len(bb.layers)) for bb in plan.backbones)} representations per backbone)"
+             + (f"; ID train in {len(shards)} shards of up to {shards[0][1]} rows" if shards else ""))
+        waiting: Dict = {}  # ref -> (backbone, feature job, the shard parts when this ref is one of them)
+        for bb, f in todo:
+            args = (_bb_dict(bb), _feature_dict(f), bb.layers, plan.num_classes, plan.input_format,
+                    cfg.extract.batch_size)
+            if shards and f.dataset.role == "id_train":
+                parts = [f"{f.uri}.rows{a}-{b}" for a, b in shards]
+                for (a, b), part in zip(shards, parts):
+                    waiting[remote.remote(*args, shard=(a, b, part))] = (bb, f, parts)
+            else:
+                waiting[remote.remote(*args)] = (bb, f, None)
+        shards_left = {}
+        with driver_progress(len(todo), "extract", "sets") as bar:
+            while waiting:
+                done, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL_S)
+                raise_if_interrupted()
+                for ref in done:
+                    ray.get(ref)
+                    bb, f, parts = waiting.pop(ref)
+                    if parts is None:
+                        bar.update(1)
+                        continue
+                    shards_left[f.uri] = shards_left.get(f.uri, len(parts)) - 1
+                    if shards_left[f.uri] == 0:  # every shard written: one merge task joins them
+                        waiting[merge.remote(_feature_dict(f), parts)] = (bb, f, None)
+
+    def _shards(self) -> List[Tuple[int, int]]:
+        """Row ranges ``[(start, stop), ...]`` that split the ID training set over the cluster's task slots (a
+        slot: ``cpus_per_task`` CPUs, or ``gpus_per_task`` GPUs when tasks take GPUs), each starting on a batch
+        boundary and at least 4 batches long; ``[]`` when the set is too small to gain from it (or its size is
+        unknown). One task per set would leave the other slots idle for most of the stage: the ID training set
+        is usually most of the images."""
+        import ray
+
+        res, n, batch = self.cfg.resources, self.plan.n_train, self.cfg.extract.batch_size
+        if not n:
+            return []
+        avail = ray.cluster_resources()
+        slots = int(avail.get("GPU", 0) // res.gpus_per_task) if res.gpus_per_task else \
+            int(avail.get("CPU", 0) // max(res.cpus_per_task, 1e-9))
+        batches = -(-n // batch)
+        count = min(slots, batches // 4)
+        if count < 2:
+            return []
+        per = -(-batches // count) * batch
+        return [(a, min(a + per, n)) for a in range(0, n, per)]
 
     def context(self, bb: BackbonePlan, det) -> Dict:
         from ood_core.detectors.registry import get_spec
@@ -650,9 +691,20 @@ class SweepRunner:
                 tracker.log_text(parent, report.format_seed_table(summary, fpr=fpr), "results_over_seeds.txt")
             from ood_core.plots import detector_comparison_figure
 
-            scored = [r for r in rows if not r.get("failed")]
-            if scored:
-                tracker.log_figure(parent, lambda: detector_comparison_figure(scored), "detector_comparison.png")
+            by_backbone: Dict[str, List[Dict]] = {}  # seeds of one backbone are averaged, other backbones not
+            for r in rows:
+                if not r.get("failed"):
+                    by_backbone.setdefault(r["backbone_name"], []).append(r)
+            for name, scored in by_backbone.items():
+                several = len(by_backbone) > 1
+                tracker.log_figure(parent, lambda scored=scored, name=name, several=several: detector_comparison_figure(
+                    scored, title=f"Selected detectors on {name}: test AUROC per OOD group" if several else None),
+                    f"detector_comparison_{name}.png" if several else "detector_comparison.png")
+            if len(by_backbone) > 1:  # backbones that differ in architecture or objective, side by side
+                from ood_core.plots import backbone_comparison_figure
+
+                compared = [r for group in by_backbone.values() for r in group]
+                tracker.log_figure(parent, lambda: backbone_comparison_figure(compared), "backbone_comparison.png")
             board = leaderboard.log_deltas(tracker, parent, cfg, rows) if cfg.report.leaderboard else ""
             overlap = val_test_overlap(cfg)
             flagged = report.problems(rows)

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from tasks.runtime import input_format, load_backbone, setup_worker
 
 
 def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_classes: int, fmt: Dict,
-                    batch_size: int) -> Dict:
+                    batch_size: int, shard: Optional[Tuple[int, int, str]] = None) -> Dict:
     """Write the features of ``feature["dataset"]`` to ``feature["uri"]`` (atomic, with its content hash
     recorded in ``<uri>.sha256``; reused when its content matches that hash and its structure is valid,
     set aside when damaged).
+
+    ``shard = (start, stop, part_uri)``: only rows ``start:stop`` of the data set, to ``part_uri`` (no cache
+    check, no hash: :func:`merge_shards` joins the parts into ``feature["uri"]``). ``start`` is a multiple of
+    ``batch_size``, so the shard's batches are the whole set's and its values the same.
 
     Returns extraction stats plus ``cached`` (True when an intact file was already there).
     """
@@ -22,15 +26,20 @@ def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_class
     from ood_core.hooks import LayerSpec, extract_features
 
     specs = [LayerSpec(name=l["name"], module=l["module"], reduction=l["reduction"]) for l in layers]
-    check = check_feature_file(feature["uri"], [s.column for s in specs])
-    if check.note:  # the driver checked first; this sees only what changed since (another sweep's writes)
-        print(f"[extract] {backbone['label']}/{feature['dataset']['label']}: {check.note}", flush=True)
-    if check.ok:
-        return {"uri": feature["uri"], "cached": True}
+    if shard is None:
+        check = check_feature_file(feature["uri"], [s.column for s in specs])
+        if check.note:  # the driver checked first; this sees only what changed since (another sweep's writes)
+            print(f"[extract] {backbone['label']}/{feature['dataset']['label']}: {check.note}", flush=True)
+        if check.ok:
+            return {"uri": feature["uri"], "cached": True}
 
     device = setup_worker()
     ds = feature["dataset"]
     data = load_dataset(ds["dataset"], split=ds["split"], fmt=input_format(fmt), seed=ds["seed"], **ds["params"])
+    start, uri = 0, feature["uri"]
+    if shard is not None:
+        start, stop, uri = int(shard[0]), int(shard[1]), shard[2]
+        data = torch.utils.data.Subset(data, range(start, min(stop, len(data))))
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
                                          pin_memory=device.type == "cuda")
     model = load_backbone(backbone, num_classes, fmt).to(device)
@@ -40,8 +49,21 @@ def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_class
 
     from tasks.progress import worker_progress
 
-    bar = worker_progress(len(data), f"extract {backbone['label']}/{ds['label']}", "images")  # updated per sample
-    stats = extract_features(model, loader, specs, feature["uri"], metadata=metadata, device=device, progress=bar,
-                             writer_options={"record_hash": True})
+    what = f"extract {backbone['label']}/{ds['label']}" + (f" rows {start}-{start + len(data)}" if shard else "")
+    bar = worker_progress(len(data), what, "images")  # updated per sample
+    stats = extract_features(model, loader, specs, uri, metadata=metadata, device=device, progress=bar,
+                             writer_options={"record_hash": shard is None}, index_start=start)
     bar.close()
-    return {"uri": feature["uri"], "cached": False, **stats}
+    return {"uri": uri, "cached": False, **stats}
+
+
+def merge_shards(feature: Dict, parts: List[str]) -> Dict:
+    """Join the shard files ``parts`` (in row order) into ``feature["uri"]`` with its content hash, then
+    delete them."""
+    from ood_core.feature_store import merge_feature_files
+    from ood_core.storage import remove
+
+    rows = merge_feature_files(parts, feature["uri"], record_hash=True)
+    for part in parts:
+        remove(part)
+    return {"uri": feature["uri"], "cached": False, "n": rows, "shards": len(parts)}

@@ -143,3 +143,20 @@ def test_detector_comparison_scales_and_draws_no_empty_error_bars():
     assert height > 10 and width < 10  # grows downwards with the number of detectors, not into a strip
     legend = fig.legends[0]
     assert legend and not ax.get_legend()  # outside the axes: it covers no bar
+
+
+def test_backbone_comparison_puts_backbones_side_by_side_per_detector():
+    from ood_core.plots import backbone_comparison_figure
+
+    rows = [{"detector": "MSP", "backbone_name": "ce", "near/auroc": 0.8, "far/auroc": 0.6},
+            {"detector": "MSP", "backbone_name": "ce", "near/auroc": 0.7, "far/auroc": 0.7},  # a second seed
+            {"detector": "MSP", "backbone_name": "oe", "near/auroc": 0.9, "far/auroc": 0.99},
+            {"detector": "KNN", "backbone_name": "ce", "near/auroc": 0.95, "far/auroc": 1.0},
+            {"detector": "KNN", "backbone_name": "oe", "near/auroc": 0.93, "far/auroc": 1.0}]
+    fig = backbone_comparison_figure(rows)
+    near, far = fig.axes
+    assert [t.get_text() for t in near.get_yticklabels()] == ["MSP", "KNN"]
+    bars = {(round(p.get_y(), 2), round(p.get_width(), 3)) for p in far.patches}
+    assert {w for _, w in bars} == {0.65, 0.99, 1.0}  # ce's two seeds averaged, the backbones not
+    assert len(far.patches) == 4  # 2 detectors x 2 backbones
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["ce", "chance (0.5)", "oe"]
