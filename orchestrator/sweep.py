@@ -486,7 +486,10 @@ class SweepRunner:
             tracker.log(run_id, params={**{f"fixed.{k}": v for k, v in det.params.items()},
                                         **{f"selected.{k}": v for k, v in best["params"].items()},
                                         "search_space": space, "trials": len(trials)},
-                        metrics=best["metrics"], tags={"cached": str(reused).lower(), "search_key": skey})
+                        metrics=best["metrics"], tags={"cached": str(reused).lower(), "search_key": skey,
+                                                       "backbone_name": bb.name, "arch": bb.arch,
+                                                       "objective": "none (checkpoint)" if bb.checkpoint else
+                                                       (bb.train.get("objective") or {}).get("name", "cross_entropy")})
             chosen = report.format_params(best["params"])
             artifacts.log_detector_figures(tracker, run_id, f"{det.label} @ {bb.label}" +
                                            (f" ({chosen})" if chosen != "-" else ""), scores)

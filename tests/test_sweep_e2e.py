@@ -115,6 +115,10 @@ def test_mlflow_nested_runs_and_artifacts(first_sweep, tmp_path):
     assert client.list_artifacts(train.info.run_id, "checkpoint")
     det = next(r for r in runs if r.data.tags["stage"] == "detector")
     assert {"roc.png", "scores.png"} <= {a.path for a in client.list_artifacts(det.info.run_id)}
+    # every detector run says which backbone it scored, so MLflow's table groups runs by objective or arch
+    for det in (r for r in runs if r.data.tags["stage"] == "detector"):
+        assert det.data.tags["objective"] == "cross_entropy" and det.data.tags["backbone_name"] == "cnn"
+        assert det.data.tags["arch"] == "small_cnn"
 
 
 def test_second_run_reuses_everything_and_changed_search_recomputes_only_itself(first_sweep, capsys):
