@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict
 from typing import Dict, List, Tuple
 
@@ -291,7 +292,8 @@ class SweepRunner:
             args = (_bb_dict(bb), _feature_dict(f), bb.layers, plan.num_classes, plan.input_format,
                     cfg.extract.batch_size)
             if shards and f.dataset.role == "id_train":
-                parts = [f"{f.uri}.rows{a}-{b}" for a, b in shards]
+                token = uuid.uuid4().hex[:8]  # this sweep's parts: a concurrent sweep on the same store has its own
+                parts = [f"{f.uri}.rows{a}-{b}.{token}" for a, b in shards]
                 for (a, b), part in zip(shards, parts):
                     waiting[remote.remote(*args, shard=(a, b, part))] = (bb, f, parts)
             else:
