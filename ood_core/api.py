@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -268,41 +268,49 @@ class Detector:
                         finite: bool = True) -> Tuple[Tensor, Tensor]:
         """Validated ID training rows ``(x, y)``: rows labelled < 0 (auxiliary outliers) dropped; sets
         :attr:`n_features_in_` and checks the data-relative constraints (``D``, ``N``, ``C``)."""
-        label = type(self).__name__
         x = check_input(self, x, ndim=ndim, name=name, finite=finite)
+        y = self._training_labels(y, x.shape[0], x.shape[1] if x.ndim >= 2 else None, x.device, name)
+        known = y >= 0
+        if not bool(known.all()):
+            x, y = x[known], y[known]
+        return x, y
+
+    def _training_labels(self, y, n: int, width: Optional[int], device, name: str = "input") -> Tensor:
+        """The labels ``(n,)`` of ``n`` training rows of width ``width``, checked (integers; smaller than the
+        number of classes for logits; at least one ID row); checks the data-relative constraints with the number
+        of ID rows (labels >= 0) and sets :attr:`n_features_in_`. Returns them as int64, outliers included."""
+        label = type(self).__name__
         if y is None:
             if self.needs_labels:
-                raise InvalidInputError(f"{label}: fit needs the labels y ({x.shape[0]},) of the {name} "
+                raise InvalidInputError(f"{label}: fit needs the labels y ({n},) of the {name} "
                                         "(label < 0 marks an auxiliary outlier)")
-            y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        y = torch.as_tensor(y, device=x.device)
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise InvalidInputError(f"{label}: labels must have shape ({x.shape[0]},) to match {name}, "
+            y = torch.zeros(n, dtype=torch.long, device=device)
+        y = torch.as_tensor(y, device=device)
+        if y.ndim != 1 or y.shape[0] != n:
+            raise InvalidInputError(f"{label}: labels must have shape ({n},) to match {name}, "
                                     f"got {tuple(y.shape)}")
         if torch.is_floating_point(y):
             if y.numel() and not (torch.isfinite(y).all() and (y == y.round()).all()):
                 raise InvalidInputError(f"{label}: labels must be integers")
         y = y.long()
-        known = y >= 0
-        if not bool(known.all()):
-            x, y = x[known], y[known]
-        if x.shape[0] == 0:
+        known = int((y >= 0).sum())
+        if known == 0:
             raise InvalidInputError(f"{label}: no in-distribution samples (labels >= 0) to fit on")
-        if x.ndim >= 2 and x.shape[1] == 0:
+        if width == 0:
             raise InvalidInputError(f"{label}: {name} have zero dimensions")
-        width = x.shape[1] if x.ndim >= 2 else None
-        if self.representation == "logits" and width is not None and y.numel() and int(y.max()) >= width:
+        top = int(y.max()) if y.numel() else -1
+        if self.representation == "logits" and width is not None and top >= width:
             raise InvalidInputError(f"{label}: labels must be smaller than the number of classes C={width} "
-                                    f"(the logits' width), got {int(y.max())}")
+                                    f"(the logits' width), got {top}")
         head = getattr(self, "w", None)
         if self.needs_head and isinstance(head, Tensor) and width is not None and head.shape[1] != width:
             raise InvalidInputError(f"{label}: {name} have dimension {width}, head weights expect {head.shape[1]}")
-        classes = head.shape[0] if isinstance(head, Tensor) else (int(y.max()) + 1 if y.numel() else None)
+        classes = head.shape[0] if isinstance(head, Tensor) else (top + 1 if top >= 0 else None)
         if self.representation == "logits" and width is not None:
             classes = width
-        self.check_data(D=width, C=classes, N=x.shape[0])
+        self.check_data(D=width, C=classes, N=known)
         self.n_features_in_ = width
-        return x, y
+        return y
 
     # -- state helpers -----------------------------------------------------------------
     def _require_model(self) -> Callable[[Tensor], Tensor]:
@@ -392,6 +400,39 @@ class _OneInputDetector(Detector):
 
     def _fit(self, x: Tensor, y: Tensor) -> None:
         """Fit the state from validated ID training rows (nothing by default)."""
+
+    #: the fit reads the training rows in chunks (:meth:`_fit_stream`), never all of them at once
+    streams_fit: ClassVar[bool] = False
+
+    def fit_rows(self, rows, column: str) -> "Detector":
+        """Fit on column ``column`` of a :class:`~ood_core.rows.RowSource` (a training set that need not be held
+        in memory twice): a detector with :attr:`streams_fit` reads it chunk by chunk, in as many passes as its
+        fit needs; the others read the whole column."""
+        if not self.streams_fit:
+            return self._fit_input(rows.tensor(column), rows.labels)
+        shape = rows.shape(column)
+        if self._ndim is not None and len(shape) + 1 != self._ndim:
+            raise InvalidInputError(f"{type(self).__name__}: {self._input_name} must have {self._ndim} dimensions, "
+                                    f"got shape {(rows.num_rows, *shape)}")
+        self._training_labels(rows.labels, rows.num_rows, shape[0] if shape else None, rows.labels.device,
+                              self._input_name)
+
+        def chunks():
+            for x, y in rows.chunks(column):
+                x = check_input(self, x, ndim=self._ndim, name=self._input_name)
+                known = y >= 0
+                yield (x, y) if bool(known.all()) else (x[known], y[known])
+
+        with torch.no_grad():
+            self._fit_stream(chunks)
+        self._mark_fitted()
+        return self
+
+    def _fit_stream(self, chunks: Callable[[], Iterable[Tuple[Tensor, Tensor]]]) -> None:
+        """Fit from ``chunks()``: each call starts a new pass over the validated ID training rows as float32
+        ``(x, y)`` chunks (labels >= 0; the data-relative constraints are already checked). Detectors that
+        declare :attr:`streams_fit` implement it; the result equals :meth:`_fit` on all rows up to rounding."""
+        raise NotImplementedError(f"{type(self).__name__} declares streams_fit but has no _fit_stream")
 
     def _score(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

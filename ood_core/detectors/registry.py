@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..api import Detector
+from ..rows import RowSource
 from .knn import KNN, NNGuide
 from .logits import EnergyBased, MaxLogit, MaxSoftmax
 from .mahalanobis import Mahalanobis
@@ -219,6 +220,10 @@ def fit_detector(det: Detector, reps: Mapping[str, Any], labels) -> Detector:
     spec = _spec_of(det)
     y = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
     rep = spec.representation
+    if rep in ("logits", "features") and isinstance(reps, RowSource):  # rows read in chunks where det streams
+        if rep not in reps:
+            raise KeyError(f"{spec.name} needs the representation {rep!r}; available: {', '.join(sorted(reps))}")
+        return det.fit_rows(reps, rep)
     if rep in ("logits", "features", "feature_maps"):
         return getattr(det, f"fit_{rep}")(_rep(spec, reps, rep), y)
     if rep == "layers":
