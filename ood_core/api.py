@@ -148,6 +148,9 @@ class Detector:
     needs_labels: ClassVar[bool] = True
     #: makes a choice on validation data after fit (:meth:`select_on_validation`: ID val + OOD val)
     uses_validation: ClassVar[bool] = False
+    #: the fit reads the training rows in chunks (``fit_rows`` on a :class:`~ood_core.rows.RowSource`), never all
+    #: of them at once: sufficient statistics, exact streaming selection, a sampled bank
+    streams_fit: ClassVar[bool] = False
     parameter_constraints: ClassVar[Dict[str, Param]] = {}
     #: hyperparameter name -> search spec, e.g. ``{"t": {"grid": [1, 10, 100]}}``
     default_search_space: ClassVar[Dict[str, Any]] = {}
@@ -400,9 +403,6 @@ class _OneInputDetector(Detector):
 
     def _fit(self, x: Tensor, y: Tensor) -> None:
         """Fit the state from validated ID training rows (nothing by default)."""
-
-    #: the fit reads the training rows in chunks (:meth:`_fit_stream`), never all of them at once
-    streams_fit: ClassVar[bool] = False
 
     def fit_rows(self, rows, column: str) -> "Detector":
         """Fit on column ``column`` of a :class:`~ood_core.rows.RowSource` (a training set that need not be held

@@ -5,7 +5,8 @@ Layout (readable with pandas, polars, duckdb):
 * one row per sample, in the order the samples were written;
 * ``index`` (int64, the sample's position in its data set) and ``label`` (int64, ``-1`` if unlabelled);
 * one column per representation: ``fixed_size_list<float32>[D]`` for vectors, ``float32`` for per-sample
-  scalars (e.g. the LIR per-layer energy). Arrays with more than two dimensions (feature maps, reduction
+  scalars (``float16`` in both places for a file written with ``dtype="float16"``: half the bytes, values rounded
+  to 11 significant bits; :func:`read_features` returns float32 either way) (e.g. the LIR per-layer energy). Arrays with more than two dimensions (feature maps, reduction
   ``"none"``) are stored flattened and their per-sample shape is kept in the field metadata key ``shape``
   (JSON); :func:`read_features` restores it;
 * schema metadata: every key is prefixed ``ood_sweep.`` (``backbone_key``, ``dataset``, ``split``,
@@ -44,6 +45,18 @@ LABEL_COLUMN = "label"
 FORMAT_VERSION = "1"
 _NUM_ROWS_KEY = META_PREFIX + "num_rows"
 _STOP = object()
+#: the types representation columns may be stored in
+STORAGE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def _to_float16(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` rounded to float16; ``ValueError`` naming the column when a finite value is beyond its range
+    (65504), which would otherwise be stored as inf."""
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    if not np.isfinite(h).all() and np.isfinite(a[~np.isfinite(h)]).any():
+        raise ValueError(f"column {name!r}: values beyond float16's range (|x| > 65504); store it as float32")
+    return h
 
 
 @dataclass
@@ -89,14 +102,20 @@ class FeatureWriter:
     them afterwards. Rows are buffered into row groups of about ``row_group_rows`` rows or
     ``row_group_bytes`` bytes. Errors of the writer thread are raised by the next ``write`` or by
     ``close``. The first ``write`` fixes the set of columns and their shapes. ``record_hash``: record the
-    file's sha256 in ``<uri>.sha256`` once it is in place (see :func:`check_feature_file`).
+    file's sha256 in ``<uri>.sha256`` once it is in place (see :func:`check_feature_file`). ``dtype``:
+    ``"float32"`` (default) or ``"float16"``, the type the representation columns are stored in (the arrays are
+    given in float32 and rounded to nearest by the writer thread; values beyond float16's range refused).
     """
 
     def __init__(self, uri: PathLike, metadata: Optional[Mapping[str, str]] = None,
                  column_meta: Optional[Mapping[str, Mapping[str, str]]] = None, *,
                  compression: Optional[str] = "snappy", row_group_rows: int = 65536,
-                 row_group_bytes: int = 64 << 20, max_pending: int = 4, record_hash: bool = False):
+                 row_group_bytes: int = 64 << 20, max_pending: int = 4, record_hash: bool = False,
+                 dtype: str = "float32"):
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
         self.uri = uri
+        self.dtype = dtype
         self.record_hash = bool(record_hash)
         self.metadata = _prefixed(metadata)
         self.column_meta = {k: {mk: _meta_str(mv) for mk, mv in v.items()} for k, v in (column_meta or {}).items()}
@@ -196,10 +215,11 @@ class FeatureWriter:
                   pa.field(LABEL_COLUMN, pa.int64(), nullable=False)]
         for name, shape in layout.items():
             meta = dict(self.column_meta.get(name, {}))
+            value_type = STORAGE_DTYPES[self.dtype]
             if len(shape) == 0:
-                typ = pa.float32()
+                typ = value_type
             else:
-                typ = pa.list_(pa.float32(), int(np.prod(shape)))
+                typ = pa.list_(value_type, int(np.prod(shape)))
                 if len(shape) > 1:
                     meta["shape"] = json.dumps([int(s) for s in shape])
             fields.append(pa.field(name, typ, nullable=False, metadata=meta or None))
@@ -240,12 +260,15 @@ class FeatureWriter:
 
     def _to_batch(self, index, labels, cols) -> pa.RecordBatch:
         arrays: List[pa.Array] = [pa.array(index, type=pa.int64()), pa.array(labels, type=pa.int64())]
+        value_type = STORAGE_DTYPES[self.dtype]
         for f in self._feature_fields:
             a = cols[f.name]
+            if self.dtype == "float16":
+                a = _to_float16(a, f.name)
             if pa.types.is_fixed_size_list(f.type):
-                arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=pa.float32()), type=f.type))
+                arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=value_type), type=f.type))
             else:
-                arrays.append(pa.array(a, type=pa.float32()))
+                arrays.append(pa.array(a, type=value_type))
         return pa.RecordBatch.from_arrays(arrays, schema=self._schema)
 
     def _run(self, stream) -> None:
@@ -343,7 +366,7 @@ def _to_numpy(chunked: pa.ChunkedArray, dtype) -> np.ndarray:
     without copying (and stays writable); otherwise the chunks are copied into one new array.
     """
     chunks = [c.flatten() if pa.types.is_fixed_size_list(c.type) else c for c in chunked.chunks]
-    if len(chunks) == 1 and chunks[0].null_count == 0:
+    if len(chunks) == 1 and chunks[0].null_count == 0 and chunks[0].type == pa.from_numpy_dtype(dtype):
         c = chunks[0]
         buf = c.buffers()[1]
         itemsize = np.dtype(dtype).itemsize
@@ -461,7 +484,7 @@ def validate_feature_file(uri: PathLike, expected_columns: Iterable[str] = ()) -
     """True when ``uri`` is a complete feature file holding ``expected_columns``.
 
     Checks: the file exists and its Parquet footer is readable; ``index`` / ``label`` are int64;
-    every expected column exists and is float32 or a fixed-size list of float32; the row count in the
+    every expected column exists and is float32 / float16 or a fixed-size list of them; the row count in the
     footer is positive and equals the ``ood_sweep.num_rows`` recorded when the writer closed. Never
     raises for a missing or corrupt file (returns False).
     """
@@ -484,7 +507,8 @@ def validate_feature_file(uri: PathLike, expected_columns: Iterable[str] = ()) -
         if name not in schema.names:
             return False
         t = schema.field(name).type
-        if not (t == pa.float32() or (pa.types.is_fixed_size_list(t) and t.value_type == pa.float32())):
+        value_type = t.value_type if pa.types.is_fixed_size_list(t) else t
+        if value_type not in STORAGE_DTYPES.values():
             return False
     return True
 

@@ -239,6 +239,8 @@ class LayerConfig(_Strict):
 class ExtractConfig(_Strict):
     batch_size: int = Field(256, ge=1, le=65_536)
     layers: List[Union[str, LayerConfig]] = Field(default_factory=lambda: ["logits", "penultimate"])
+    #: the type the feature files store: ``float16`` halves them (values rounded to 11 significant bits)
+    dtype: Literal["float32", "float16"] = "float32"
 
     @field_validator("layers")
     @classmethod

@@ -361,7 +361,8 @@ def make_plan(cfg: SweepConfig) -> SweepPlan:
             )
             for job in jobs:
                 fkey = content_key({"v": EXTRACT_VERSION, "backbone": key, "data": job.spec(),
-                                    "format": fmt.__dict__, "layers": layers})
+                                    "format": fmt.__dict__, "layers": layers,
+                                    **({"dtype": cfg.extract.dtype} if cfg.extract.dtype != "float32" else {})})
                 plan.features.append(FeatureJob(job, fkey, join_uri(cfg.storage, "features", key, f"{fkey}.parquet")))
             backbones.append(plan)
     return SweepPlan(config=cfg, input_format=dict(fmt.__dict__), num_classes=num_classes, backbones=backbones,

@@ -289,8 +289,8 @@ class SweepRunner:
              + (f"; ID train in {len(shards)} shards of up to {shards[0][1]} rows" if shards else ""))
         waiting: Dict = {}  # ref -> (backbone, feature job, the shard parts when this ref is one of them)
         for bb, f in todo:
-            args = (_bb_dict(bb), _feature_dict(f), bb.layers, plan.num_classes, plan.input_format,
-                    cfg.extract.batch_size)
+            args = (_bb_dict(bb), {**_feature_dict(f), "dtype": cfg.extract.dtype}, bb.layers, plan.num_classes,
+                    plan.input_format, cfg.extract.batch_size)
             if shards and f.dataset.role == "id_train":
                 token = uuid.uuid4().hex[:8]  # this sweep's parts: a concurrent sweep on the same store has its own
                 parts = [f"{f.uri}.rows{a}-{b}.{token}" for a, b in shards]

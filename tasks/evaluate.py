@@ -1,8 +1,10 @@
 """Ray Tune trial: fit a detector on cached ID-train features and score the validation sets; the selected
 configuration is then scored on the test sets once (:func:`final_scores`).
 
-The trial sees only cached Parquet features (read once per worker process and kept in an LRU cache, so with
-``reuse_actors`` the files are read once per search, not once per trial). What a searched value does not change
+The trial sees only cached Parquet features, mapped from the node's one decoded copy of each file
+(:func:`ood_core.feature_map.map_features`: every trial process on a node shares its pages, whatever the
+concurrency); a detector that fits from a stream reads the training set in chunks (:class:`ood_core.rows.RowSource`),
+so a fit holds no second full copy of it. What a searched value does not change
 is fitted once per worker: a fitted detector is kept per (feature files, detector, structural hyperparameters),
 and a trial that changes only hyperparameters declared ``structural=False`` (KNN's k, ODIN's temperature, ...)
 sets them on it instead of fitting again. Selection uses the validation metrics only.
@@ -20,9 +22,9 @@ GROUPS = ("near", "far")
 
 @functools.lru_cache(maxsize=64)
 def _read(uri: str, columns: Tuple[str, ...]):
-    from ood_core.feature_store import read_features
+    from ood_core.feature_map import map_features
 
-    return read_features(uri, columns=list(columns))
+    return map_features(uri, columns=list(columns))
 
 
 @functools.lru_cache(maxsize=8)
@@ -36,11 +38,20 @@ def _head(backbone_json: str, num_classes: int, fmt_json: str):
 
 
 def _reps(fs, columns, device):
+    """Float32 tensors of the columns (views of the mapped copy where it is float32 on the CPU)."""
     import torch
 
-    reps = {c: torch.from_numpy(fs.columns[c]).to(device) for c in columns}
+    reps = {c: torch.from_numpy(fs.columns[c]).to(device=device, dtype=torch.float32) for c in columns}
     reps["features"] = reps["penultimate"]  # the registry's name for penultimate features
     return reps
+
+
+def _rows(fs, columns, device):
+    """The training set as a :class:`~ood_core.rows.RowSource` over the mapped columns (streamed fits)."""
+    from ood_core.rows import RowSource
+
+    return RowSource({c: fs.columns[c] for c in columns}, fs.labels, device=device,
+                     aliases={"features": "penultimate"})
 
 
 def _dataset(entry: Dict, fmt: Dict):
@@ -86,7 +97,11 @@ def _eval_sets(context: Dict, det, device, roles: Optional[Tuple[str, ...]] = No
             key = label if r == role else f"{label}:fit"
             if det.representation in CACHED:
                 fs = _read(entry["uri"], columns)
-                out[key] = EvalSet(r, _reps(fs, columns, device), torch.from_numpy(fs.labels).to(device))
+                labels = torch.from_numpy(fs.labels).to(device)
+                if r == ID_TRAIN and det.streams_fit:
+                    out[key] = EvalSet(r, _rows(fs, columns, device), labels)
+                else:
+                    out[key] = EvalSet(r, _reps(fs, columns, device), labels)
             else:
                 outliers = context.get("outliers", ()) if r == ID_TRAIN else ()
                 out[key] = EvalSet(r, _loader(entry, context["format"], context.get("batch_size", 256), device,

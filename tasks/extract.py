@@ -52,7 +52,8 @@ def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_class
     what = f"extract {backbone['label']}/{ds['label']}" + (f" rows {start}-{start + len(data)}" if shard else "")
     bar = worker_progress(len(data), what, "images")  # updated per sample
     stats = extract_features(model, loader, specs, uri, metadata=metadata, device=device, progress=bar,
-                             writer_options={"record_hash": shard is None}, index_start=start)
+                             writer_options={"record_hash": shard is None, "dtype": feature.get("dtype", "float32")},
+                             index_start=start)
     bar.close()
     return {"uri": uri, "cached": False, **stats}
 

@@ -1,10 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# the node-local decoded copies of feature files (ood_core.feature_map) of this test session, removed at its end
+_FEATURE_CACHE = tempfile.mkdtemp(prefix="ood-sweep-features-tests-")
+os.environ.setdefault("OOD_SWEEP_FEATURE_CACHE", _FEATURE_CACHE)
+atexit.register(shutil.rmtree, _FEATURE_CACHE, True)
 
 
 @pytest.fixture(scope="session")
