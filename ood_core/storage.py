@@ -83,6 +83,22 @@ def remove(uri: PathLike, *, missing_ok: bool = True) -> None:
         fs.delete_file(path + HASH_SUFFIX)
 
 
+def remove_abandoned_outputs(uri: PathLike) -> int:
+    """Delete ``<uri>.tmp-*``: the temporary outputs of :class:`AtomicOutput` writers to ``uri`` that died before
+    committing or aborting (a worker killed with its node leaves its partial file behind). Only for a ``uri`` no
+    live writer is writing to. Returns how many were deleted."""
+    fs, path = resolve(uri)
+    prefix = posixpath.basename(path) + ".tmp-"
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(posixpath.dirname(path)))
+    except FileNotFoundError:
+        return 0
+    dead = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix)]
+    for p in dead:
+        fs.delete_file(p)
+    return len(dead)
+
+
 def open_input(uri: PathLike) -> IO[bytes]:
     """Open ``uri`` for random-access binary reading (a :class:`pyarrow.NativeFile`)."""
     fs, path = resolve(uri)

@@ -60,11 +60,13 @@ def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_class
 
 def merge_shards(feature: Dict, parts: List[str]) -> Dict:
     """Join the shard files ``parts`` (in row order) into ``feature["uri"]`` with its content hash, then
-    delete them."""
+    delete them, and the partial outputs of shard attempts that died with their node (every shard task of these
+    parts, which carry this sweep's token, has returned)."""
     from ood_core.feature_store import merge_feature_files
-    from ood_core.storage import remove
+    from ood_core.storage import remove, remove_abandoned_outputs
 
     rows = merge_feature_files(parts, feature["uri"], record_hash=True)
     for part in parts:
         remove(part)
+        remove_abandoned_outputs(part)
     return {"uri": feature["uri"], "cached": False, "n": rows, "shards": len(parts)}
