@@ -26,7 +26,9 @@ CHUNK_ROWS = 65536
 
 def _as_tensor(a, rows: slice, device, dtype) -> Tensor:
     part = a[rows]
-    t = part if isinstance(part, Tensor) else torch.from_numpy(np.ascontiguousarray(part))
+    if not isinstance(part, Tensor):  # a chunk of a read-only array is copied (torch tensors are writable)
+        part = np.ascontiguousarray(part) if part.flags.writeable else np.array(part)
+    t = part if isinstance(part, Tensor) else torch.from_numpy(part)
     return t.to(device=device, dtype=dtype)
 
 
