@@ -139,11 +139,28 @@ def _fit_key(context: Dict, spec, params: Dict) -> str:
                       sort_keys=True, default=repr)
 
 
-def score_detector_on_sets(context: Dict, params: Dict, roles: Optional[Tuple[str, ...]] = None
+def approximation_metrics(det, sets: Dict) -> Dict[str, float]:
+    """What an approximate search cost in accuracy, measured: a memory bank searched with an IVF index reports
+    its recall@k on held-out bank rows (``val_ivf_recall_id``) and on the OOD validation features
+    (``val_ivf_recall_ood``), where a missed neighbour raises the score; nothing for exact detectors."""
+    import torch
+
+    if getattr(det, "index", "exact") != "ivf":
+        return {}
+    ood = [s.data["features"] for s in sets.values() if s.role == "ood_val" and isinstance(s.data, dict)]
+    out = {"val_ivf_recall_id": float(det.recall_)}
+    if ood:
+        out["val_ivf_recall_ood"] = float(det.recall_on(torch.cat(ood)))
+    return out
+
+
+def score_detector_on_sets(context: Dict, params: Dict, roles: Optional[Tuple[str, ...]] = None,
+                           diagnostics: Optional[Dict[str, float]] = None
                            ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """Fit the detector with ``params`` (or reuse this worker's fit of the same structural values) and score
     the sets whose role is in ``roles`` (all by default) through the protocol of :mod:`ood_core.evaluation`;
-    return ``(scores by set label, labels by set label)`` (``exit:<label>``: early-exit detectors' exit layers)."""
+    return ``(scores by set label, labels by set label)`` (``exit:<label>``: early-exit detectors' exit layers).
+    ``diagnostics``, when given, receives :func:`approximation_metrics`."""
     import json
 
     from ood_core.detectors.registry import build_detector, detector_params, get_spec
@@ -171,8 +188,11 @@ def score_detector_on_sets(context: Dict, params: Dict, roles: Optional[Tuple[st
     if det.representation not in CACHED:
         model = _model(json.dumps(context["backbone"], sort_keys=True), context["num_classes"],
                        json.dumps(context["format"], sort_keys=True), str(device))
-    results = run_protocol(det, _eval_sets(context, det, device, roles), model=model, device=device,
+    sets = _eval_sets(context, det, device, roles)
+    results = run_protocol(det, sets, model=model, device=device,
                            score_roles=None if roles is None else roles.__contains__, fitted=reused)
+    if diagnostics is not None:
+        diagnostics.update(approximation_metrics(det, sets))
     _FITTED[key] = det
     while len(_FITTED) > _KEEP_FITTED:
         _FITTED.popitem(last=False)
@@ -274,8 +294,11 @@ def tune_trial(config: Dict, contexts: Dict[str, Dict]) -> None:
     context = contexts[key]
     every = context.get("score_test_every_trial", False)
     try:
-        scores, _labels = score_detector_on_sets(context, params, VALIDATION_ROLES + (TEST_ROLES if every else ()))
-        metrics = {**validation_metrics(context, scores), **(test_metrics(context, scores) if every else {})}
+        diagnostics: Dict[str, float] = {}
+        scores, _labels = score_detector_on_sets(context, params, VALIDATION_ROLES + (TEST_ROLES if every else ()),
+                                                 diagnostics)
+        metrics = {**validation_metrics(context, scores), **(test_metrics(context, scores) if every else {}),
+                   **diagnostics}
     except Exception as exc:  # noqa: BLE001 - reported, not retried
         _complete_search(context, key, config["entry"].get("index"), params, None)
         tune.report({"trial_error": one_line(exc), "trial_traceback": traceback.format_exc()})
