@@ -376,6 +376,13 @@ class Detector:
         return torch.cat(outs), torch.cat(ys)
 
 
+def _defined_first(cls: type, name: str, other: str) -> bool:
+    """Whether ``cls`` resolves ``name`` to a class that comes before the one that defines ``other`` in its
+    method resolution order (a subclass overrode ``name`` alone)."""
+    owners = [next(k for k in cls.__mro__ if attr in vars(k)) for attr in (name, other)]
+    return cls.__mro__.index(owners[0]) < cls.__mro__.index(owners[1])
+
+
 class _OneInputDetector(Detector):
     """Detectors that read one tensor per sample. Subclasses implement the formula: ``_fit(x, y)`` on
     validated ID training rows (when the detector has state) and ``_score(x)`` on validated rows; the
@@ -403,6 +410,13 @@ class _OneInputDetector(Detector):
 
     def _fit(self, x: Tensor, y: Tensor) -> None:
         """Fit the state from validated ID training rows (nothing by default)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a subclass that overrides _fit alone (to transform the rows, say) would be bypassed by the _fit_stream it
+        # inherits: it fits in memory, through its own _fit
+        if cls.streams_fit and _defined_first(cls, "_fit", "_fit_stream"):
+            cls.streams_fit = False
 
     def fit_rows(self, rows, column: str) -> "Detector":
         """Fit on column ``column`` of a :class:`~ood_core.rows.RowSource` (a training set that need not be held

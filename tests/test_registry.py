@@ -80,7 +80,7 @@ def test_detector_params_exclude_wiring():
     assert detector_params("EnergyBased") == ["t"]
     assert detector_params("Mahalanobis") == []  # eps: MahalanobisPreprocessed
     assert detector_params("vim") == ["d"]
-    assert detector_params("KNN") == ["k", "normalize"]
+    assert detector_params("KNN") == ["k", "normalize", "alpha", "seed", "index", "nlist", "nprobe"]
     assert detector_params("ReAct") == ["threshold", "percentile", "detector"]
 
 

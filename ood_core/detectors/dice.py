@@ -8,16 +8,17 @@ from torch import Tensor
 
 from ..api import FeaturesDetector
 from ..constraints import Interval, Param, Percent
+from ..streaming import Chunks, mean_of_stream
 from .head import LOGIT_SCORE, Head, HeadMixin
-from .numerics import mean64, percentiles
+from .numerics import percentiles
 
 
 class DICE(HeadMixin, FeaturesDetector):
     r"""DICE: directed sparsification of the head by the ID contributions of its weights, then the energy.
 
-    Fit: the mean ID-train feature :math:`\bar z` (float64), the contributions
-    :math:`V_{cj} = \bar z_j W_{cj}`, and the threshold :math:`\tau` = the ``p``-th percentile (numpy's linear
-    interpolation) of all :math:`V_{cj}`; the head keeps the weights with :math:`V_{cj} > \tau`, the top
+    Fit: the mean ID-train feature :math:`\bar z` (float64; one pass, which ``fit_rows`` streams), the
+    contributions :math:`V_{cj} = \bar z_j W_{cj}`, and the threshold :math:`\tau` = the ``p``-th percentile
+    (numpy's linear interpolation) of all :math:`V_{cj}`; the head keeps the weights with :math:`V_{cj} > \tau`, the top
     :math:`(100 - p)\%` contributions: :math:`\tilde W = W \odot \mathbb 1[V > \tau]`. Score:
 
     .. math:: s(x) = S(\tilde W z + b), \qquad S = \text{energy: } -\log\sum_c e^{l_c} \text{ (default)}
@@ -48,6 +49,7 @@ class DICE(HeadMixin, FeaturesDetector):
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "p": Param(Interval(float, 1, 100, closed="neither", hint=Percent("p").hint), Interval(float, 0, 0),
                    doc="percentage of the weight contributions dropped (sparsity), in (1, 100), or 0"),
@@ -63,9 +65,13 @@ class DICE(HeadMixin, FeaturesDetector):
         self.detector = detector
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
+        self._fit_stream(lambda: [(z, y)])  # in memory: the stream of one chunk
+
+    def _fit_stream(self, chunks: Chunks) -> None:
         self._require_head()
-        w = self.w.to(z.device)
-        contrib = mean64(z)[None, :] * w.double()  # V_cj = mean_i z_ij * W_cj
+        mean = mean_of_stream(chunks())  # one pass
+        w = self.w.to(mean.device)
+        contrib = mean[None, :] * w.double()  # V_cj = mean_i z_ij * W_cj
         self.threshold = percentiles(contrib, [self.p])[0]  #: tau
         self.masked_w = torch.where(contrib > self.threshold, w, torch.zeros_like(w))  #: W masked, (C, D)
 

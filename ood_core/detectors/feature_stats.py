@@ -10,16 +10,18 @@ from torch import Tensor
 
 from ..api import FeaturesDetector
 from ..constraints import D, Boolean, Interval, Param
+from ..streaming import Chunks, ClassMoments, mean_of_stream
 from .head import Head, HeadMixin
 from .mahalanobis import Mahalanobis, closest_sq_distance, relative_ridge
-from .numerics import by_row_blocks, cholesky_whitener, mean64, one_thread, scatter64
+from .numerics import by_row_blocks, cholesky_whitener, one_thread
 
 
 class RMD(Mahalanobis):
     r"""Relative Mahalanobis distance: the class-conditional Gaussians' distance minus a background one's.
 
-    Fit (float64): the class means and shared covariance of :class:`~.mahalanobis.Mahalanobis` (same
-    relative ridge), and a background Gaussian :math:`\mathcal N(\mu_0, \Sigma_0)` of all ID features,
+    Fit (float64, from the same two passes over the rows, which :meth:`fit_rows` streams): the class means and
+    shared covariance of :class:`~.mahalanobis.Mahalanobis` (same relative ridge), and a background Gaussian
+    :math:`\mathcal N(\mu_0, \Sigma_0)` of all ID features,
     :math:`\Sigma_0 = \frac1N \sum_i (z_i - \mu_0)(z_i - \mu_0)^\top + \lambda_0 I`,
     :math:`\lambda_0 = 10^{-6} \operatorname{tr}/D`. Score:
 
@@ -41,8 +43,9 @@ class RMD(Mahalanobis):
     def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None):
         super().__init__(model)
 
-    def _fit(self, z: Tensor, y: Tensor) -> None:
-        background = self._fit_gaussians(z, y) / z.shape[0]  # the background's covariance about mu_0 = center
+    def _fit_stream(self, chunks: Chunks) -> None:
+        stats = self._fit_gaussians(chunks)
+        background = stats.scatter() / stats.n  # the background's covariance about mu_0 = center
         self.background_whitener, _ = cholesky_whitener(background, relative_ridge(background))  #: L_0^{-1}
 
     def _relative_distance(self, z: Tensor) -> Tensor:
@@ -57,7 +60,8 @@ class RMD(Mahalanobis):
 class GMM(FeaturesDetector):
     r"""Class-conditional Gaussians, each with its own covariance; the negative mixture log-likelihood.
 
-    Fit (float64, per class :math:`c` with :math:`N_c` ID samples): :math:`\mu_c`, the prior
+    Fit (float64, per class :math:`c` with :math:`N_c` ID samples; two passes over the rows, which
+    :meth:`fit_rows` streams, the class means first): :math:`\mu_c`, the prior
     :math:`\pi_c = N_c / N` and :math:`\Sigma_c = \frac{1}{N_c} \sum_{i: y_i=c} (z_i - \mu_c)(z_i - \mu_c)^\top
     + \lambda I`, with one ridge for all classes, relative to the pooled within-class covariance
     :math:`\bar\Sigma = \sum_c \pi_c \Sigma_c^0`:
@@ -90,6 +94,7 @@ class GMM(FeaturesDetector):
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "reg": Param(Interval(float, 0, None, closed="neither"), doc="ridge, relative to the mean pooled variance"),
     }
@@ -100,15 +105,15 @@ class GMM(FeaturesDetector):
         self.reg = reg
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
-        n, d = z.shape
-        classes, inverse = torch.unique(y, return_inverse=True)
-        counts = torch.bincount(inverse, minlength=classes.shape[0])
-        grouped = z[torch.argsort(inverse, stable=True)]  # rows grouped by class
-        mu, covs = [], []
-        for zc in torch.split(grouped, counts.tolist()):
-            mu.append(mean64(zc))
-            covs.append(scatter64(zc, mu[-1]) / zc.shape[0])
-        mu, covs, prior = torch.stack(mu), torch.stack(covs), counts.double() / n
+        self._fit_stream(lambda: [(z, y)])  # in memory: the stream of one chunk
+
+    def _fit_stream(self, chunks: Chunks) -> None:
+        d = self.n_features_in_
+        first = ClassMoments(d, torch.zeros(d), scatter=None).update_all(chunks())  # pass 1: n_c, class means
+        classes, counts, n = first.classes, first.counts, first.n
+        # pass 2: each class's scatter about its mean
+        stats = ClassMoments(d, first.means(), classes, scatter="class").update_all(chunks())
+        mu, covs, prior = stats.means(), stats.class_scatters() / counts[:, None, None], counts / n
         pooled_var = torch.einsum("c,cjj->j", prior, covs)  # diagonal of the pooled covariance
         center = prior @ mu
         between = (prior[:, None] * (mu - center) ** 2).sum()
@@ -123,7 +128,7 @@ class GMM(FeaturesDetector):
         self.classes = classes  #: (K,)
         self.mu = mu  #: (K, D) float64
         self.whiteners = torch.stack(whiteners)  #: L_c^{-1}, (K, D, D) float64
-        self.log_norm = torch.tensor(log_norm, dtype=torch.float64, device=z.device)  #: (K,)
+        self.log_norm = torch.tensor(log_norm, dtype=torch.float64, device=mu.device)  #: (K,)
 
     def _neg_log_likelihood(self, z: Tensor) -> Tensor:
         mu, whiteners = self.mu.to(z), self.whiteners.to(z)
@@ -137,8 +142,9 @@ class GMM(FeaturesDetector):
 class NECO(HeadMixin, FeaturesDetector):
     r"""NECO: the norm ratio of the principal-subspace projection of standardised features.
 
-    Fit on ID-train features: a StandardScaler :math:`\tilde z = (z - m) / \sigma` (population std;
-    features with :math:`\sigma = 0` keep scale 1, as scikit-learn does) and a PCA of :math:`\tilde z`
+    Fit on ID-train features (two passes, which :meth:`fit_rows` streams: the mean, then the covariance): a
+    StandardScaler :math:`\tilde z = (z - m) / \sigma` (population std; features with :math:`\sigma = 0` keep
+    scale 1, as scikit-learn does) and a PCA of :math:`\tilde z`
     (eigenvectors of its covariance, float64, all :math:`D` of them: ``d`` only chooses how many are used);
     :math:`P` = the top-:math:`d` principal directions. Score (the paper's NECO is an ID score, so negated):
 
@@ -164,6 +170,7 @@ class NECO(HeadMixin, FeaturesDetector):
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "d": Param(Interval(int, 1, D), structural=False, doc="principal dimension"),
         "use_max_logit": Param(Boolean(), structural=False, doc="multiply by the max logit (ViT-like models)"),
@@ -183,11 +190,15 @@ class NECO(HeadMixin, FeaturesDetector):
         return _dimension_grid(cls, data, [5, 10, 20, 50, 100], lambda dim: (dim // 4, dim // 2, 3 * dim // 4))
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
+        self._fit_stream(lambda: [(z, y)])  # in memory: the stream of one chunk
+
+    def _fit_stream(self, chunks: Chunks) -> None:
         if self.use_max_logit:
             self._require_head()
-        n = z.shape[0]
-        mean = mean64(z)
-        cov = scatter64(z, mean) / n
+        mean = mean_of_stream(chunks())  # pass 1
+        stats = ClassMoments(mean.shape[0], mean).update_all(z for z, _ in chunks())  # pass 2: scatter about it
+        n = stats.n
+        cov = stats.scatter() / n
         var = torch.diagonal(cov)
         constant = var <= (n * torch.finfo(torch.float64).eps * mean) ** 2  # scikit-learn's test, up to rounding
         std = torch.where(constant, torch.ones_like(var), var.sqrt())
@@ -208,7 +219,8 @@ class NECO(HeadMixin, FeaturesDetector):
 class NCI(HeadMixin, FeaturesDetector):
     r"""Neural-collapse inspired: alignment of the centred feature with the predicted class's weights.
 
-    Fit: the ID-train feature mean :math:`\mu_G`. Score, with :math:`\hat c = \arg\max_c l_c(z)`:
+    Fit: the ID-train feature mean :math:`\mu_G` (one pass; :meth:`fit_rows` streams it). Score, with
+    :math:`\hat c = \arg\max_c l_c(z)`:
 
     .. math:: s(x) = -\Big(\frac{w_{\hat c}^\top (z - \mu_G)}{\lVert z - \mu_G \rVert_2}
               + \alpha \lVert z \rVert_1\Big)
@@ -229,6 +241,7 @@ class NCI(HeadMixin, FeaturesDetector):
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "alpha": Param(Interval(float, 0, None), structural=False, doc="weight of the L1 feature norm"),
     }
@@ -240,8 +253,12 @@ class NCI(HeadMixin, FeaturesDetector):
         self.alpha = alpha
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
+        self._fit_stream(lambda: [(z, y)])  # in memory: the stream of one chunk
+
+    def _fit_stream(self, chunks: Chunks) -> None:
         self._require_head()
-        self.center = mean64(z, exact=False)  #: mu_G, (D,) float64 (float32 block sums: a centre needs no more)
+        #: mu_G, (D,) float64 (float32 block sums: a centre needs no more)
+        self.center = mean_of_stream(chunks(), exact=False)
 
     def _nci(self, z: Tensor) -> Tensor:
         pred = self.logits(z).argmax(dim=1)
@@ -256,7 +273,8 @@ class NCI(HeadMixin, FeaturesDetector):
 class fDBD(HeadMixin, FeaturesDetector):  # noqa: N801 - the paper's spelling
     r"""Fast decision-boundary distance, normalised by the distance to the ID mean.
 
-    Fit: the ID-train feature mean :math:`\mu`. Score, with :math:`\hat c = \arg\max_c l_c(z)`:
+    Fit: the ID-train feature mean :math:`\mu` (one pass; :meth:`fit_rows` streams it). Score, with
+    :math:`\hat c = \arg\max_c l_c(z)`:
 
     .. math:: s(x) = -\frac{1}{C - 1} \sum_{c \ne \hat c}
               \frac{l_{\hat c}(z) - l_c(z)}{\lVert w_{\hat c} - w_c \rVert_2 \, \lVert z - \mu \rVert_2}
@@ -276,6 +294,7 @@ class fDBD(HeadMixin, FeaturesDetector):  # noqa: N801 - the paper's spelling
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {}
     default_search_space: ClassVar[Dict[str, Any]] = {}
 
@@ -284,9 +303,13 @@ class fDBD(HeadMixin, FeaturesDetector):  # noqa: N801 - the paper's spelling
         self._set_head(head)
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
+        self._fit_stream(lambda: [(z, y)])  # in memory: the stream of one chunk
+
+    def _fit_stream(self, chunks: Chunks) -> None:
         self._require_head()
-        self.center = mean64(z, exact=False)  #: mu, (D,) float64 (float32 block sums: a centre needs no more)
-        w = self.w.to(z.device, torch.float64)
+        #: mu, (D,) float64 (float32 block sums: a centre needs no more)
+        self.center = mean_of_stream(chunks(), exact=False)
+        w = self.w.to(self.center.device, torch.float64)
         gaps = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")  # ||w_i - w_j||, no cancellation
         self.inv_gaps = torch.where(gaps > 0, 1.0 / gaps, torch.zeros_like(gaps))  #: (C, C), 0 where no boundary
 

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from ..api import FeaturesDetector
 from ..constraints import Param
-from .numerics import by_row_blocks, cholesky_whitener, float64_blocks, mean64
+from ..streaming import Chunks, ClassMoments, mean_of_stream
+from .numerics import by_row_blocks, cholesky_whitener
 
 #: relative ridge: ``RIDGE * tr(Sigma) / D`` is added to the diagonal of a covariance before inversion
 RIDGE = 1e-6
@@ -46,7 +47,10 @@ class Mahalanobis(FeaturesDetector):
     The ridge :math:`\lambda` is relative to the average within-class variance, so that rank-deficient or
     constant features and :math:`D > N` stay invertible (the trace is floored at :math:`10^{-10}` of the total
     variance, :math:`\lambda = 10^{-6}` when both are 0). The within-class scatter is the total scatter about
-    the mean minus the between-class scatter, summed over float64 row blocks. Scoring whitens by the
+    the mean minus the between-class scatter, summed over float64 row blocks
+    (:class:`~ood_core.streaming.ClassMoments`). The fit streams (``fit_rows``): two passes over the rows, the
+    mean :math:`\bar\mu` first, then the class counts, sums and the scatter about it; in memory it is the same
+    fit on one chunk. Scoring whitens by the
     Cholesky factor :math:`\Sigma = L L^\top`: :math:`s = \min_c \lVert L^{-1}(z - \bar\mu) - m_c \rVert^2`
     with whitened means :math:`m_c = L^{-1}(\mu_c - \bar\mu)`, in the dtype of the input.
 
@@ -63,6 +67,7 @@ class Mahalanobis(FeaturesDetector):
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {}
     default_search_space: ClassVar[Dict[str, Any]] = {}
 
@@ -70,30 +75,28 @@ class Mahalanobis(FeaturesDetector):
         super().__init__(model)
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
-        self._fit_gaussians(z, y)
+        self._fit_stream(lambda: [(z, y)])  # in memory: the stream of one chunk
 
-    def _fit_gaussians(self, z: Tensor, y: Tensor) -> Tensor:
-        """Fit the class means and the shared covariance; returns the total scatter
-        :math:`\sum_i (z_i - \bar\mu)(z_i - \bar\mu)^\top` (float64; :class:`~.feature_stats.RMD`'s
-        background Gaussian)."""
-        n, d = z.shape
-        center = mean64(z)  # centring first limits the cancellation of "total - between" below
-        classes, inverse = torch.unique(y, return_inverse=True)
-        counts = torch.bincount(inverse, minlength=classes.shape[0]).to(torch.float64)
-        sums = torch.zeros(classes.shape[0], d, dtype=torch.float64, device=z.device)
-        total = torch.zeros(d, d, dtype=torch.float64, device=z.device)
-        for start, x in float64_blocks(z, center):  # float64 row blocks of z - center
-            sums.index_add_(0, inverse[start : start + x.shape[0]], x)
-            total.addmm_(x.T, x)
-        m = sums / counts[:, None]  # mu_c - center
-        within = (total - (m * counts[:, None]).T @ m) / n  # total scatter - between-class scatter
-        self.ridge = relative_ridge(within, 1e-10 * float(torch.diagonal(total).sum()) / n)
+    def _fit_stream(self, chunks: Chunks) -> None:
+        self._fit_gaussians(chunks)
+
+    def _fit_gaussians(self, chunks: Chunks) -> ClassMoments:
+        r"""Fit the class means and the shared covariance from two passes over ``chunks()``; returns the
+        moments about the global mean :math:`\bar\mu` (``scatter()``: the total scatter
+        :math:`\sum_i (z_i - \bar\mu)(z_i - \bar\mu)^\top`, :class:`~.feature_stats.RMD`'s background)."""
+        center = mean_of_stream(chunks())  # pass 1; centring first limits the cancellation of "total - between"
+        d = center.shape[0]
+        stats = ClassMoments(d, center).update_all(chunks())  # pass 2: n_c, sum_c (z - center), the scatter
+        n, counts = stats.n, stats.counts
+        m = stats.offsets()  # mu_c - center
+        within = (stats.total - (m * counts[:, None]).T @ m) / n  # total scatter - between-class scatter
+        self.ridge = relative_ridge(within, 1e-10 * float(torch.diagonal(stats.total).sum()) / n)
         self.whitener, _ = cholesky_whitener(within, self.ridge)  #: L^{-1}, (D, D) float64
-        self.classes = classes  #: class labels, (C,)
+        self.classes = stats.classes  #: class labels, (C,)
         self.center = center  #: global mean, (D,) float64
         self.mu = m + center  #: class means, (C, D) float64
         self.whitened_mu = m @ self.whitener.T  #: L^{-1}(mu_c - center), (C, D) float64
-        return 0.5 * (total + total.T)
+        return stats
 
     @property
     def precision(self) -> Tensor:

@@ -24,8 +24,8 @@ from .mahalanobis import Mahalanobis
 class _L2Normalized:
     """Rows scaled to unit :math:`\\ell_2` norm before the parent detector fits and scores (zero rows stay 0)."""
 
-    def _fit(self, z: Tensor, y: Tensor) -> None:
-        super()._fit(normalise(z), y)
+    def _fit_stream(self, chunks) -> None:  # the parent's fit, in memory or streamed, on normalised rows
+        super()._fit_stream(lambda: ((normalise(z), y) for z, y in chunks()))
 
     def _score(self, z: Tensor) -> Tensor:
         return super()._score(normalise(z))

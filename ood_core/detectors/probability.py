@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..api import LogitsDetector
 from ..constraints import C, Constraint, Interval, Param
+from ..streaming import Chunks, ClassMoments
 from .logits import MaxSoftmax
 
 
@@ -104,9 +105,10 @@ class TemperatureScaling(LogitsDetector):
 class KLMatching(LogitsDetector):
     r"""KL divergence of the posterior to the closest typical posterior of a predicted class.
 
-    Fit (no labels needed; labels < 0 drop rows): for each class :math:`k` predicted for at least one ID
-    sample, the typical posterior :math:`d_k = \operatorname{mean}_{i: \arg\max p(x_i) = k} p(x_i)`,
-    :math:`p = \operatorname{softmax}(f)` (float64). Score:
+    Fit (no labels needed; labels < 0 drop rows; one pass, which ``fit_rows`` streams): for each class
+    :math:`k` predicted for at least one ID sample, the typical posterior
+    :math:`d_k = \operatorname{mean}_{i: \arg\max p(x_i) = k} p(x_i)`, :math:`p = \operatorname{softmax}(f)`
+    (float64). Score:
 
     .. math:: s(x) = \min_k D_{KL}\big[p(x) \,\Vert\, d_k\big]
                    = \min_k \sum_y p_y(x) \big(\log p_y(x) - \log d_{k,y}\big)
@@ -125,6 +127,7 @@ class KLMatching(LogitsDetector):
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
 
     def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None):
         super().__init__(model)
@@ -132,13 +135,17 @@ class KLMatching(LogitsDetector):
         self.template_classes: Optional[Tensor] = None  #: predicted class k of each template, (K,)
 
     def _fit(self, logits: Tensor, y: Tensor) -> None:
-        p = torch.softmax(logits.double(), dim=1)
-        pred = p.argmax(dim=1)
-        n_classes = p.shape[1]
-        counts = torch.bincount(pred, minlength=n_classes)
-        sums = p.new_zeros(n_classes, n_classes).index_add_(0, pred, p)
-        present = counts > 0
-        self.templates = sums[present] / counts[present, None]
+        self._fit_stream(lambda: [(logits, y)])  # in memory: the stream of one chunk
+
+    def _fit_stream(self, chunks: Chunks) -> None:
+        n_classes = self.n_features_in_
+        classes = torch.arange(n_classes)
+        posteriors = ClassMoments(n_classes, torch.zeros(n_classes), classes, scatter=None)
+        for logits, _ in chunks():  # one pass: the count and float64 sum of p per predicted class
+            p = torch.softmax(logits.double(), dim=1)
+            posteriors.update(p, p.argmax(dim=1))
+        present = posteriors.counts > 0
+        self.templates = posteriors.sums[present] / posteriors.counts[present, None]
         self.template_classes = present.nonzero().flatten()
 
     def _score(self, logits: Tensor) -> Tensor:
@@ -285,6 +292,7 @@ class WeightedEBO(LogitsDetector):
     """
 
     requires_fit: ClassVar[bool] = True  # when weights=None (a given ``weights`` needs no fit)
+    streams_fit: ClassVar[bool] = True  # the class counts, one pass
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "weights": Param(ClassWeights(), None, doc="class weights (C,); None = fitted class frequencies"),
     }
@@ -307,8 +315,11 @@ class WeightedEBO(LogitsDetector):
             super()._require_fit()
 
     def _fit(self, logits: Tensor, y: Tensor) -> None:
+        self._fit_stream(lambda: [(logits, y)])  # in memory: the stream of one chunk
+
+    def _fit_stream(self, chunks: Chunks) -> None:
         if self.weights is None:
-            counts = torch.bincount(y, minlength=logits.shape[1]).double()
+            counts = sum(torch.bincount(y, minlength=self.n_features_in_) for _, y in chunks()).double()
             self.class_weights = counts / counts.sum()
 
     def _score(self, logits: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..api import FeaturesDetector
 from ..constraints import Interval, Param, Percent
+from ..streaming import Chunks, quantiles_of_stream
 from .head import LOGIT_SCORE, Head, HeadMixin
 from .numerics import percentiles
 
@@ -28,7 +29,11 @@ class ReAct(HeadMixin, FeaturesDetector):
     :math:`-\max_i \operatorname{softmax}(l)_i`, ``"maxlogit"`` :math:`-\max_i l_i`, or any function of the logits
     returning outlier scores (pytorch-ood's ``EnergyBased.score``, ...). ``fit`` computes :math:`c` from
     ``percentile`` :math:`p` (in percent; the paper and OpenOOD use the 90th percentile of the flattened
-    activations); an absolute ``threshold``, when given, is used instead and no fit is needed.
+    activations); an absolute ``threshold``, when given, is used instead and no fit is needed. In memory
+    :math:`c` is an exact partial selection (:func:`~.numerics.percentiles`); ``fit_rows`` streams the rows
+    and selects exactly in two passes of bounded memory (:func:`~ood_core.streaming.quantiles_of_stream`:
+    ``numpy.percentile``'s arithmetic, which can differ from the in-memory interpolation in the last bit of the
+    float64 threshold).
 
     Paper: Sun, Guo & Li, "ReAct: Out-of-distribution Detection With Rectified Activations", NeurIPS 2021
     (arXiv:2111.12797); code github.com/deeplearning-wisc/react.
@@ -47,6 +52,7 @@ class ReAct(HeadMixin, FeaturesDetector):
     :param detector: scoring of the clipped logits (:data:`~.head.LOGIT_SCORE`)
     """
 
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "threshold": Param(Interval(float), None, structural=False, doc="absolute clipping threshold"),
         "percentile": Param(Percent("percentile"), doc="percentile of the ID-train activations, in percent"),
@@ -69,6 +75,10 @@ class ReAct(HeadMixin, FeaturesDetector):
     def _fit(self, z: Tensor, y: Tensor) -> None:
         self._require_head()
         self.threshold_ = percentile(z, self.percentile)
+
+    def _fit_stream(self, chunks: Chunks) -> None:
+        self._require_head()
+        self.threshold_ = quantiles_of_stream(chunks, [self.percentile])[0]  # exact, 2 passes, bounded memory
 
     def _score(self, z: Tensor) -> Tensor:
         c = self.threshold if self.threshold is not None else self.threshold_

@@ -8,15 +8,16 @@ from torch import Tensor
 
 from ..api import FeaturesDetector, InvalidInputError
 from ..constraints import Param
+from ..streaming import Chunks, ClassMoments
 from .head import Head, HeadMixin
-from .numerics import float64_blocks
 
 
 class SHE(HeadMixin, FeaturesDetector):
     r"""Simplified Hopfield energy: inner product with the stored pattern of the predicted class.
 
     Fit: the pattern :math:`S_c` = mean ID-train feature of the samples of class :math:`c` that the head
-    classifies correctly (sums in float64). Score, with :math:`\hat c = \arg\max_c l_c(z)`:
+    classifies correctly (sums in float64, one pass over the rows, which ``fit_rows`` streams). Score, with
+    :math:`\hat c = \arg\max_c l_c(z)`:
 
     .. math:: s(x) = -z^\top S_{\hat c}
 
@@ -34,6 +35,7 @@ class SHE(HeadMixin, FeaturesDetector):
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {}
 
     def __init__(self, model: Optional[Callable[[Tensor], Tensor]] = None, head: Head = None):
@@ -41,17 +43,20 @@ class SHE(HeadMixin, FeaturesDetector):
         self._set_head(head)
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
+        self._fit_stream(lambda: [(z, y)])  # in memory: the stream of one chunk
+
+    def _fit_stream(self, chunks: Chunks) -> None:
         self._require_head()
         n_classes = self.w.shape[0]
-        if int(y.max()) >= n_classes:
-            raise InvalidInputError(f"SHE: labels must be < the number of classes of the head ({n_classes}), "
-                                    f"got label {int(y.max())}")
-        correct = (self.logits(z).argmax(dim=1) == y).long()
-        group = 2 * y + correct  # (class, correctly classified)
-        sums = torch.zeros(2 * n_classes, z.shape[1], dtype=torch.float64, device=z.device)
-        for start, block in float64_blocks(z):
-            sums.index_add_(0, group[start : start + block.shape[0]], block)
-        counts = torch.bincount(group, minlength=2 * n_classes).double()[:, None]
+        groups = torch.arange(2 * n_classes)  # (class, correctly classified) = 2 * class + correct
+        stats = ClassMoments(self.n_features_in_, torch.zeros(self.n_features_in_), groups, scatter=None)
+        for z, y in chunks():  # one pass: counts and float64 sums of z per group
+            if y.numel() and int(y.max()) >= n_classes:
+                raise InvalidInputError(f"SHE: labels must be < the number of classes of the head ({n_classes}), "
+                                        f"got label {int(y.max())}")
+            correct = (self.logits(z).argmax(dim=1) == y).long()
+            stats.update(z, 2 * y + correct)
+        sums, counts = stats.sums, stats.counts[:, None]
         correct_mean = sums[1::2] / counts[1::2].clamp(min=1)
         class_mean = (sums[0::2] + sums[1::2]) / (counts[0::2] + counts[1::2]).clamp(min=1)
         self.patterns = torch.where(counts[1::2] > 0, correct_mean, class_mean)  #: S_c, (C, D) float64

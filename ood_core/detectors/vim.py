@@ -9,9 +9,10 @@ from torch import Tensor
 
 from ..api import FeaturesDetector
 from ..constraints import D, Interval, Param
+from ..streaming import Chunks, ClassMoments
 from .feature_stats import _dimension_grid
 from .head import HeadMixin
-from .numerics import by_row_blocks, one_thread, scatter
+from .numerics import by_row_blocks, one_thread
 
 #: OpenOOD's grid for the principal dimension d (kept where d < D)
 OPENOOD_GRID = [256, 1000]
@@ -49,10 +50,11 @@ class ViM(HeadMixin, FeaturesDetector):
 
     Precision: the second moment is formed in the features' precision (float32 features: float32 products,
     as the official code's ``EmpiricalCovariance``, but about a point near the mean and summed in float64 over
-    row blocks, :func:`~.numerics.scatter`; float64 features: float64 throughout) and eigendecomposed in
-    float64. Where the eigenvalues at the split :math:`d` nearly coincide, float32 sums rotate the split
-    (scores move by ~2e-4 relative with an eigengap of 5e-4 of the largest eigenvalue): pass float64
-    features for float64 throughout.
+    row blocks, :class:`~ood_core.streaming.ClassMoments` with ``dtype=None``, moved to :math:`u` exactly; float64
+    features: float64 throughout) and eigendecomposed in float64. The fit streams (``fit_rows``): one pass for
+    the second moment, one for :math:`\alpha`. Where the eigenvalues at the split :math:`d` nearly coincide,
+    float32 sums rotate the split (scores move by ~2e-4 relative with an eigengap of 5e-4 of the largest
+    eigenvalue): pass float64 features (in memory) for float64 throughout.
 
     ``d = None`` is the official code's rule (:func:`paper_dim`): its benchmark uses :math:`d = 1000` for
     :math:`D \ge 2048` (ResNet-50, BiT) and 512 otherwise (ViT-B, :math:`D = 768`); where 512 does not fit
@@ -77,6 +79,7 @@ class ViM(HeadMixin, FeaturesDetector):
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "d": Param(Interval(int, 1, D - 1), None, doc="principal dimension; None = the official rule"),
     }
@@ -94,20 +97,30 @@ class ViM(HeadMixin, FeaturesDetector):
         return _dimension_grid(cls, data, OPENOOD_GRID, lambda dim: (dim // 4, paper_dim(dim), 3 * dim // 4))
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
+        self._fit_stream(lambda: [(z, y)])  # in memory: the stream of one chunk
+
+    def _fit_stream(self, chunks: Chunks) -> None:
         self._require_head()
-        n, dim = z.shape
+        dim = self.n_features_in_
         d = paper_dim(dim) if self.d is None else self.d
         if self.d is None:
             self.check_params({"d": d}, {"D": dim})  # the rule's d must fit too (D = 1 has no principal subspace)
-        w, b = self.w.to(z.device, torch.float64), self.b.to(z.device, torch.float64)
+        w, b = self.w.to(torch.float64), self.b.to(torch.float64)
         u = -(torch.linalg.pinv(w) @ b)
-        cov = scatter(z, u) / n  # float64 (D, D); products in the features' precision
+        # pass 1: the second moment about u, products in the features' precision about a point near their mean
+        stats = ClassMoments(dim, dtype=None).update_all(z for z, _ in chunks())
+        n = stats.n
+        u = u.to(stats.device)
+        cov = stats.scatter(about=u) / n  # float64 (D, D)
         with one_thread(cov):
             _, evecs = torch.linalg.eigh(cov)  # ascending eigenvalues
         self.u = u  #: origin, (D,) float64
         self.residual_basis = evecs[:, : dim - d].contiguous()  #: R, (D, D - d) float64
-        resid = by_row_blocks(self._residual_norm, z).sum(dtype=torch.float64) / n
-        max_logit = self.logits(z).amax(dim=1).sum(dtype=torch.float64) / n
+        resid = max_logit = 0.0
+        for z, _ in chunks():  # pass 2: the mean residual norm and max logit for alpha
+            resid = resid + by_row_blocks(self._residual_norm, z).sum(dtype=torch.float64)
+            max_logit = max_logit + self.logits(z).amax(dim=1).sum(dtype=torch.float64)
+        resid, max_logit = resid / n, max_logit / n
         # guard: features (almost) inside the principal subspace have no residual to match
         floor = 1e-8 * math.sqrt(max(float(torch.diagonal(cov).sum()), 0.0)) + 1e-12
         self.alpha = float(max_logit) / max(float(resid), floor)
