@@ -437,6 +437,7 @@ class _OneInputDetector(Detector):
                 known = y >= 0
                 yield (x, y) if bool(known.all()) else (x[known], y[known])
 
+        chunks.share = lambda name, compute: rows.shared(column, name, compute)  # see ood_core.streaming.shared
         with torch.no_grad():
             self._fit_stream(chunks)
         self._mark_fitted()

@@ -22,12 +22,13 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 from .feature_store import INDEX_COLUMN, LABEL_COLUMN, META_PREFIX, FeatureSet, _decode_meta
 from .storage import PathLike, read_hash, resolve
 
-__all__ = ["map_features", "cache_root", "MAX_AGE_S"]
+__all__ = ["map_features", "shared_value", "cache_root", "MAX_AGE_S"]
 
 #: copies unused for this long are removed when a new copy is made (seconds)
 MAX_AGE_S = 7 * 24 * 3600
@@ -44,6 +45,8 @@ _MANIFEST = "manifest.json"
 _CRC_BLOCK = 64 << 20
 #: (copy directory, column) -> mapped array, checked once per process
 _MAPPED: Dict[Tuple[str, str], np.ndarray] = {}
+#: shared values this process has read or computed (shared_value), by file
+_SHARED: Dict[str, Any] = {}
 
 
 def cache_root() -> Path:
@@ -147,6 +150,34 @@ def _map_column(directory: Path, manifest: Dict, name: str) -> np.ndarray:
             raise ValueError(f"damaged copy of column {name!r} in {directory}")
         _MAPPED[key] = a
     return _MAPPED[key]
+
+
+def shared_value(uri: PathLike, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` for the feature file at ``uri``, computed once per machine and kept beside its decoded copy
+    (``key`` names what it is, e.g. ``"penultimate/moments_about_mean"``): the first process that asks computes
+    it under a lock, the others wait and read it. For statistics of a training set that several fits need
+    (:func:`ood_core.streaming.shared`); ``compute`` must depend on the file's content alone. Stored with pickle,
+    in this machine's own cache directory."""
+    directory = _copy_dir(uri)
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
+    path = directory / "shared" / f"{name}.pkl"
+    path.parent.mkdir(exist_ok=True)
+    memo = _SHARED.get(str(path))
+    if memo is not None:
+        return memo
+    with open(directory / "shared" / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            with open(path, "rb") as f:
+                value = pickle.load(f)
+        else:
+            value = compute()
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.rename(tmp, path)
+    _SHARED[str(path)] = value
+    return value
 
 
 def map_features(uri: PathLike, columns: Optional[Sequence[str]] = None) -> FeatureSet:

@@ -12,16 +12,19 @@ column, as before.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["RowSource", "CHUNK_ROWS"]
+__all__ = ["RowSource", "CHUNK_BYTES", "ROW_QUANTUM"]
 
-#: rows per chunk by default: 65,536 rows of 2,048 float32 features are 512 MiB
-CHUNK_ROWS = 65536
+#: float32 bytes per chunk by default (8,192 rows of 2,048 features): a trial's working set, whatever N
+CHUNK_BYTES = 64 << 20
+#: chunks hold a multiple of this many rows: the float64 blocks of the statistics (ood_core.streaming) then fall
+#: where an in-memory fit puts them, and a streamed fit equals it bit for bit
+ROW_QUANTUM = 8192
 
 
 def _as_tensor(a, rows: slice, device, dtype) -> Tensor:
@@ -40,18 +43,25 @@ class RowSource(Mapping):
 
     :param columns: name -> array or tensor of shape ``(N, ...)`` (any float dtype; read-only is fine)
     :param labels: ``(N,)`` integer labels (``-1``: unlabelled / auxiliary outlier)
-    :param chunk_rows: rows per chunk of :meth:`chunks`
+    :param chunk_rows: rows per chunk of :meth:`chunks` (default: about :data:`CHUNK_BYTES` of float32 rows, a
+        multiple of :data:`ROW_QUANTUM`)
     :param device: where the chunks are placed (default: the CPU)
     :param aliases: extra names for columns (``{"features": "penultimate"}``)
+    :param share: ``share(key, compute)`` returns what ``compute()`` returns for these rows, computed once for
+        every fit that asks (:meth:`shared`); default: kept in this object. The sweep's trials pass a cache
+        shared by the processes of a machine.
     """
 
-    def __init__(self, columns: Mapping[str, object], labels, chunk_rows: int = CHUNK_ROWS, device=None,
-                 aliases: Optional[Mapping[str, str]] = None):
+    def __init__(self, columns: Mapping[str, object], labels, chunk_rows: Optional[int] = None, device=None,
+                 aliases: Optional[Mapping[str, str]] = None,
+                 share: Optional[Callable[[str, Callable[[], Any]], Any]] = None):
         self._columns = dict(columns)
         self._aliases = dict(aliases or {})
         lab = labels if isinstance(labels, Tensor) else torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.labels = lab.to(device=device, dtype=torch.long)  #: ``(N,)`` int64 labels
-        self.chunk_rows = int(chunk_rows)
+        self.chunk_rows = None if chunk_rows is None else int(chunk_rows)
+        self._share = share
+        self._memo: Dict[str, Any] = {}
         self.device = torch.device("cpu") if device is None else torch.device(device)
         n = int(self.labels.shape[0])
         for name, a in self._columns.items():
@@ -91,15 +101,33 @@ class RowSource(Mapping):
         a = self._column(name)
         return int(a.numel() * a.element_size()) if isinstance(a, Tensor) else int(a.nbytes)
 
-    def slices(self) -> Sequence[slice]:
-        return [slice(s, min(s + self.chunk_rows, self.num_rows)) for s in range(0, self.num_rows, self.chunk_rows)]
+    def rows_per_chunk(self, name: str) -> int:
+        if self.chunk_rows is not None:
+            return self.chunk_rows
+        row_bytes = 4 * max(1, int(np.prod(self.shape(name), dtype=np.int64)))
+        return max(ROW_QUANTUM, CHUNK_BYTES // row_bytes // ROW_QUANTUM * ROW_QUANTUM)
+
+    def slices(self, name: str) -> Sequence[slice]:
+        step = self.rows_per_chunk(name)
+        return [slice(s, min(s + step, self.num_rows)) for s in range(0, self.num_rows, step)]
 
     def chunks(self, name: str, dtype: torch.dtype = torch.float32) -> Iterator[Tuple[Tensor, Tensor]]:
         """``(x, y)`` chunks of column ``name`` in row order, ``x`` converted to ``dtype`` one chunk at a time
         (a new pass on each call)."""
         a = self._column(name)
-        for rows in self.slices():
+        for rows in self.slices(name):
             yield _as_tensor(a, rows, self.device, dtype), self.labels[rows]
+
+    def shared(self, column: str, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` for column ``column`` of these rows, computed once and shared by every fit that asks for
+        ``name`` (a statistic several detectors need: Mahalanobis and RMD the same class moments, ViM's values of
+        ``d`` the same second moment)."""
+        key = f"{self._aliases.get(column, column)}/{name}"
+        if self._share is not None:
+            return self._share(key, compute)
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
         """The whole column as one tensor (a copy unless it is already a ``dtype`` tensor on the device)."""

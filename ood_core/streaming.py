@@ -31,7 +31,7 @@ True
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ Chunk = Union[Tensor, Sequence[Tensor]]
 #: a fit's stream: each call starts a new pass over ``(x, y)`` chunks of the training rows (``_fit_stream``'s
 #: argument)
 Chunks = Callable[[], Iterable[Tuple[Tensor, Tensor]]]
+T = TypeVar("T")
 
 
 def _rows(chunk: Chunk) -> Tensor:
@@ -77,6 +78,27 @@ def mean_of_stream(chunks: Iterable[Chunk], exact: bool = True) -> Tensor:
     if total is None:
         raise ValueError("mean_of_stream: no rows")
     return total / n
+
+
+def shared(chunks: Chunks, name: str, compute: Callable[[], T]) -> T:
+    """``compute()``, or, when the stream offers sharing (``chunks.share``: a training set read through
+    :meth:`ood_core.rows.RowSource.shared`), the value computed once under ``name`` for these rows by whichever fit
+    asked first: the statistics several fits need (the class moments of Mahalanobis and RMD, the second moment of
+    every ViM ``d``), so a search over a large training set passes over it once for them. ``compute`` must be a
+    function of the rows alone."""
+    share = getattr(chunks, "share", None)
+    return compute() if share is None else share(name, compute)
+
+
+def moments_about_mean(chunks: Chunks) -> "ClassMoments":
+    """Two passes: the float64 mean :math:`\bar x` (:func:`mean_of_stream`), then the class counts, the sums of
+    :math:`x - \bar x` and the total scatter about :math:`\bar x` (:class:`ClassMoments`); shared under
+    ``"moments_about_mean"``."""
+    def compute():
+        center = mean_of_stream(chunks())  # pass 1; centring first limits the cancellation of "total - between"
+        return ClassMoments(center.shape[0], center).update_all(chunks())  # pass 2
+
+    return shared(chunks, "moments_about_mean", compute)
 
 
 class ClassMoments:

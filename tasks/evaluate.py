@@ -46,12 +46,15 @@ def _reps(fs, columns, device):
     return reps
 
 
-def _rows(fs, columns, device):
-    """The training set as a :class:`~ood_core.rows.RowSource` over the mapped columns (streamed fits)."""
+def _rows(fs, columns, device, uri: str):
+    """The training set as a :class:`~ood_core.rows.RowSource` over the mapped columns (streamed fits); the
+    statistics several fits need are computed once per machine (:func:`ood_core.feature_map.shared_value`)."""
+    from ood_core.feature_map import shared_value
     from ood_core.rows import RowSource
 
     return RowSource({c: fs.columns[c] for c in columns}, fs.labels, device=device,
-                     aliases={"features": "penultimate"})
+                     aliases={"features": "penultimate"},
+                     share=lambda key, compute: shared_value(uri, f"{key}@{device}", compute))
 
 
 def _dataset(entry: Dict, fmt: Dict):
@@ -99,7 +102,7 @@ def _eval_sets(context: Dict, det, device, roles: Optional[Tuple[str, ...]] = No
                 fs = _read(entry["uri"], columns)
                 labels = torch.from_numpy(fs.labels).to(device)
                 if r == ID_TRAIN and det.streams_fit:
-                    out[key] = EvalSet(r, _rows(fs, columns, device), labels)
+                    out[key] = EvalSet(r, _rows(fs, columns, device, entry["uri"]), labels)
                 else:
                     out[key] = EvalSet(r, _reps(fs, columns, device), labels)
             else:

@@ -111,3 +111,27 @@ def test_float16_refuses_values_it_cannot_hold(tmp_path):
         with FeatureWriter(tmp_path / "x.parquet", dtype="float16") as w:
             w.write([0, 1], [0, 0], {"big": np.array([[1.0], [7e4]], np.float32)})
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_a_shared_value_is_computed_once_per_machine(tmp_path, cache):
+    """Two processes (and this one) ask for the same statistic of a file: the first computes it, the others read it;
+    a new content of the file is a new value."""
+    path = tmp_path / "f.parquet"
+    _write(path)
+    marks = tmp_path / "computed"
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from ood_core.feature_map import map_features, shared_value
+        def compute():
+            with open({str(marks)!r}, "a") as f:
+                f.write("x")
+            return float(map_features({str(path)!r}, ["logits"]).columns["logits"].sum(dtype=np.float64))
+        print(repr(shared_value({str(path)!r}, "logits/sum", compute)))
+    """)
+    env = {**os.environ, "OOD_SWEEP_FEATURE_CACHE": str(cache)}
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+            for _ in range(2)]
+    assert outs[0] == outs[1] and marks.read_text() == "x"
+    assert feature_map.shared_value(path, "logits/sum", lambda: 1 / 0) == float(outs[0])
+    _write(path, seed=1)  # another content: computed again
+    assert feature_map.shared_value(path, "logits/sum", lambda: -1.0) == -1.0

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..api import FeaturesDetector
 from ..constraints import Param
-from ..streaming import Chunks, ClassMoments, mean_of_stream
+from ..streaming import Chunks, ClassMoments, moments_about_mean
 from .numerics import by_row_blocks, cholesky_whitener
 
 #: relative ridge: ``RIDGE * tr(Sigma) / D`` is added to the diagonal of a covariance before inversion
@@ -84,9 +84,8 @@ class Mahalanobis(FeaturesDetector):
         r"""Fit the class means and the shared covariance from two passes over ``chunks()``; returns the
         moments about the global mean :math:`\bar\mu` (``scatter()``: the total scatter
         :math:`\sum_i (z_i - \bar\mu)(z_i - \bar\mu)^\top`, :class:`~.feature_stats.RMD`'s background)."""
-        center = mean_of_stream(chunks())  # pass 1; centring first limits the cancellation of "total - between"
-        d = center.shape[0]
-        stats = ClassMoments(d, center).update_all(chunks())  # pass 2: n_c, sum_c (z - center), the scatter
+        stats = moments_about_mean(chunks)  # two passes: the mean, then n_c, sum_c (z - mean), the scatter
+        center = stats.center
         n, counts = stats.n, stats.counts
         m = stats.offsets()  # mu_c - center
         within = (stats.total - (m * counts[:, None]).T @ m) / n  # total scatter - between-class scatter

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..api import FeaturesDetector
 from ..constraints import D, Interval, Param
-from ..streaming import Chunks, ClassMoments
+from ..streaming import Chunks, ClassMoments, shared
 from .feature_stats import _dimension_grid
 from .head import HeadMixin
 from .numerics import by_row_blocks, one_thread
@@ -108,7 +108,8 @@ class ViM(HeadMixin, FeaturesDetector):
         w, b = self.w.to(torch.float64), self.b.to(torch.float64)
         u = -(torch.linalg.pinv(w) @ b)
         # pass 1: the second moment about u, products in the features' precision about a point near their mean
-        stats = ClassMoments(dim, dtype=None).update_all(z for z, _ in chunks())
+        stats = shared(chunks, "second_moment_float32_products",  # one pass, shared by the searched values of d
+                       lambda: ClassMoments(dim, dtype=None).update_all(z for z, _ in chunks()))
         n = stats.n
         u = u.to(stats.device)
         cov = stats.scatter(about=u) / n  # float64 (D, D)

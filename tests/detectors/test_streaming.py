@@ -450,3 +450,40 @@ def test_streamed_fits_on_the_gpu_equal_the_cpu_fits(data):
     qs = [0, 50, 90, 99.9, 100]
     got = quantiles_of_stream(lambda: (values[s : s + 7777] for s in range(0, len(values), 7777)), qs)
     assert got == np.percentile(values.cpu().numpy(), qs).tolist()
+
+
+# -- statistics shared by the fits of one training set ----------------------------------------------------------
+class _CountingColumn:
+    """A float32 column that counts the full passes read from it (reads of its first row)."""
+
+    def __init__(self, a):
+        self.a, self.passes = a, 0
+        self.shape, self.dtype, self.nbytes = a.shape, a.dtype, a.nbytes
+
+    def __getitem__(self, rows):
+        if rows.start in (0, None):
+            self.passes += 1
+        return self.a[rows]
+
+
+def test_fits_of_one_training_set_share_their_moments(data):
+    """Mahalanobis, RMD and ViM's values of d read the statistics they share once from a RowSource: the
+    Mahalanobis family's two passes once for both, ViM's one-pass second moment once for every d (plus ViM's
+    own pass for alpha), and each fit equals its unshared fit bit for bit."""
+    column = _CountingColumn(data["z"].numpy())
+    rows = RowSource({"features": column}, data["y"], chunk_rows=37)
+    head = (data["w"], data["b"])
+    fitted = [Mahalanobis().fit_rows(rows, "features"), RMD().fit_rows(rows, "features")]
+    assert column.passes == 2  # the mean, then the moments: once for both
+    for d in (3, 5, 7):
+        fitted.append(ViM(w=head[0], b=head[1], d=d).fit_rows(rows, "features"))
+    assert column.passes == 2 + 1 + 3  # the second moment once, alpha per d
+    alone = [Mahalanobis(), RMD(), *(ViM(w=head[0], b=head[1], d=d) for d in (3, 5, 7))]
+    for shared_fit, det in zip(fitted, alone):
+        det.fit_rows(RowSource({"features": data["z"].numpy()}, data["y"], chunk_rows=37), "features")
+        assert torch.equal(shared_fit.predict_features(data["z_test"]), det.predict_features(data["z_test"]))
+    # another column of the same rows is another statistic
+    other = RowSource({"features": column, "x2": data["z"].numpy() * 2}, data["y"], chunk_rows=37)
+    Mahalanobis().fit_rows(other, "x2")
+    Mahalanobis().fit_rows(other, "features")
+    assert column.passes == 6 + 2
