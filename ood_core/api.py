@@ -421,7 +421,9 @@ class _OneInputDetector(Detector):
     def fit_rows(self, rows, column: str) -> "Detector":
         """Fit on column ``column`` of a :class:`~ood_core.rows.RowSource` (a training set that need not be held
         in memory twice): a detector with :attr:`streams_fit` reads it chunk by chunk, in as many passes as its
-        fit needs; the others read the whole column."""
+        fit needs; the others read the whole column; one that needs no fit reads nothing."""
+        if not self.requires_fit:
+            return self
         if not self.streams_fit:
             return self._fit_input(rows.tensor(column), rows.labels)
         shape = rows.shape(column)

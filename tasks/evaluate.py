@@ -101,7 +101,7 @@ def _eval_sets(context: Dict, det, device, roles: Optional[Tuple[str, ...]] = No
             if det.representation in CACHED:
                 fs = _read(entry["uri"], columns)
                 labels = torch.from_numpy(fs.labels).to(device)
-                if r == ID_TRAIN and det.streams_fit:
+                if r == ID_TRAIN and det.representation in ("logits", "features"):  # read as the fit needs it
                     out[key] = EvalSet(r, _rows(fs, columns, device, entry["uri"]), labels)
                 else:
                     out[key] = EvalSet(r, _reps(fs, columns, device), labels)
