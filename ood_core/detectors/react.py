@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ..api import FeaturesDetector
 from ..constraints import Interval, Param, Percent
-from ..streaming import Chunks, quantiles_of_stream
+from ..quantiles import quantiles_of_stream
+from ..streaming import Chunks
 from .head import LOGIT_SCORE, Head, HeadMixin
 from .numerics import percentiles
 
@@ -31,7 +32,7 @@ class ReAct(HeadMixin, FeaturesDetector):
     ``percentile`` :math:`p` (in percent; the paper and OpenOOD use the 90th percentile of the flattened
     activations); an absolute ``threshold``, when given, is used instead and no fit is needed. In memory
     :math:`c` is an exact partial selection (:func:`~.numerics.percentiles`); ``fit_rows`` streams the rows
-    and selects exactly in two passes of bounded memory (:func:`~ood_core.streaming.quantiles_of_stream`:
+    and selects exactly in two passes of bounded memory (:func:`~ood_core.quantiles.quantiles_of_stream`:
     ``numpy.percentile``'s arithmetic, which can differ from the in-memory interpolation in the last bit of the
     float64 threshold).
 

@@ -18,7 +18,8 @@ from ood_core.detectors import (DICE, GMM, NCI, NECO, RMD, SHE, KLMatching, Maha
 from ood_core.detectors.mahalanobis_pp import RMDPP, MahalanobisPP
 from ood_core.detectors.registry import fit_detector
 from ood_core.rows import RowSource
-from ood_core.streaming import ClassMoments, mean_of_stream, order_statistics_of_stream, quantiles_of_stream
+from ood_core.quantiles import order_statistics_of_stream, quantiles_of_stream
+from ood_core.streaming import ClassMoments, mean_of_stream
 
 
 def rel(a, b) -> float:
