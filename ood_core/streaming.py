@@ -225,7 +225,7 @@ class ClassMoments:
         """The row of each label in :attr:`classes`."""
         if not self.fixed:
             self._grow(labels)
-        idx = torch.searchsorted(self.classes, labels).clamp(max=max(self.classes.numel() - 1, 0))
+        idx = torch.searchsorted(self.classes, labels.contiguous()).clamp(max=max(self.classes.numel() - 1, 0))
         if not self.classes.numel() or not bool((self.classes[idx] == labels).all()):
             bad = labels[(self.classes[idx] != labels)] if self.classes.numel() else labels
             raise ValueError(f"ClassMoments: label {int(bad[0])} is not one of the {self.classes.numel()} classes")

@@ -154,7 +154,7 @@ def test_streaming_fit_equals_the_in_memory_fit(tmp_path, monkeypatch, dtype, al
     y = y.clone()
     y[5::7] = -1  # auxiliary outliers inside the chunks
     column = _memmap(tmp_path, z, dtype)
-    in_memory = torch.from_numpy(np.asarray(column, dtype=np.float32))
+    in_memory = torch.from_numpy(np.array(column, dtype=np.float32))
     rows = RowSource({"features": column}, y.numpy(), chunk_rows=37)
     monkeypatch.setattr(RowSource, "tensor", lambda *a, **k: pytest.fail("the whole column was read"))
     seen = []

@@ -307,7 +307,7 @@ def test_streamed_fit_equals_the_in_memory_fit(data, tmp_path, name, dtype):
     rows = RowSource({det.representation: guarded}, y, chunk_rows=37)
     streamed = fit_detector(det, rows, y)
     assert guarded.reads >= -(-len(y) // 37)  # every chunk, and never more than a chunk at a time
-    same_values = torch.from_numpy(np.asarray(column, dtype=np.float32))
+    same_values = torch.from_numpy(np.array(column, dtype=np.float32))
     in_memory = _detectors(data)[name]()
     in_memory = in_memory.fit_logits(same_values, y) if logits else in_memory.fit_features(same_values, y)
     predict = "predict_logits" if logits else "predict_features"
