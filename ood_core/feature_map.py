@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .feature_store import INDEX_COLUMN, LABEL_COLUMN, META_PREFIX, FeatureSet, _decode_meta
+from .feature_store import INDEX_COLUMN, LABEL_COLUMN, META_PREFIX, FeatureSet, _decode_meta, sample_shape
 from .storage import PathLike, read_hash, resolve
 
 __all__ = ["map_features", "shared_value", "cache_root", "MAX_AGE_S"]
@@ -85,11 +85,8 @@ def _decode(uri: PathLike, target: Path) -> None:
         for i, name in enumerate(names):
             t = schema.field(name).type
             meta = _decode_meta(schema.field(name).metadata)
-            if pa.types.is_fixed_size_list(t):
-                shape = tuple(json.loads(meta["shape"])) if "shape" in meta else (t.list_size,)
-                dtype = t.value_type.to_pandas_dtype()
-            else:
-                shape, dtype = (), t.to_pandas_dtype()
+            shape = sample_shape(schema.field(name))
+            dtype = (t.value_type if pa.types.is_fixed_size_list(t) else t).to_pandas_dtype()
             layout[name] = {"file": f"c{i}.npy", "shape": list(shape), "dtype": np.dtype(dtype).str, "meta": meta}
             files[name] = np.lib.format.open_memmap(target / f"c{i}.npy", mode="w+", dtype=dtype, shape=(n, *shape))
         row = 0

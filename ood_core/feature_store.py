@@ -383,6 +383,15 @@ def _decode_meta(meta: Optional[Mapping[bytes, bytes]]) -> Dict[str, str]:
     return {k.decode(): v.decode() for k, v in (meta or {}).items()}
 
 
+def sample_shape(field: pa.Field) -> tuple:
+    """The per-sample shape of a column: ``()`` for a scalar, ``(D,)`` for a vector, the recorded ``shape`` for a
+    flattened array (feature maps)."""
+    if not pa.types.is_fixed_size_list(field.type):
+        return ()
+    meta = _decode_meta(field.metadata)
+    return tuple(json.loads(meta["shape"])) if "shape" in meta else (field.type.list_size,)
+
+
 def read_features(uri: PathLike, columns: Optional[Sequence[str]] = None) -> FeatureSet:
     """Read a feature file (all representation columns, or ``columns``) into a :class:`FeatureSet`.
 
@@ -408,8 +417,7 @@ def read_features(uri: PathLike, columns: Optional[Sequence[str]] = None) -> Fea
         meta = _decode_meta(f.metadata)
         values = _to_numpy(table.column(name), np.float32)
         if pa.types.is_fixed_size_list(f.type):
-            shape = tuple(json.loads(meta["shape"])) if "shape" in meta else (f.type.list_size,)
-            values = values.reshape((n, *shape))
+            values = values.reshape((n, *sample_shape(f)))
         out[name] = values
         col_meta[name] = meta
     del table
@@ -469,12 +477,8 @@ def describe_feature_file(uri: PathLike) -> FeatureFileInfo:
     for f in schema:
         if f.name in (INDEX_COLUMN, LABEL_COLUMN):
             continue
-        meta = _decode_meta(f.metadata)
-        if pa.types.is_fixed_size_list(f.type):
-            columns[f.name] = tuple(json.loads(meta["shape"])) if "shape" in meta else (f.type.list_size,)
-        else:
-            columns[f.name] = ()
-        column_meta[f.name] = meta
+        columns[f.name] = sample_shape(f)
+        column_meta[f.name] = _decode_meta(f.metadata)
     kv = _decode_meta(md.metadata)
     metadata = {k[len(META_PREFIX):]: v for k, v in kv.items() if k.startswith(META_PREFIX) and k != _NUM_ROWS_KEY}
     return FeatureFileInfo(uri=str(uri), rows=int(md.num_rows), columns=columns, metadata=metadata,
