@@ -29,11 +29,22 @@ def _read(uri: str, columns: Tuple[str, ...]):
 
 @functools.lru_cache(maxsize=8)
 def _head(backbone_json: str, num_classes: int, fmt_json: str):
+    """The backbone's classifier head ``(w, b)``, read from its checkpoint's state dict alone where that holds
+    ``head.weight`` / ``head.bias`` of ``num_classes`` rows, as every model of :mod:`ood_core.models` saves it:
+    a head-based trial then holds two tensors, not the whole backbone (a ResNet-50 is ~100 MB per trial process).
+    Otherwise the head of the built model."""
     import json
 
+    from ood_core.checkpoints import load_checkpoint
     from tasks.runtime import load_backbone
 
-    model = load_backbone(json.loads(backbone_json), num_classes, json.loads(fmt_json))
+    backbone = json.loads(backbone_json)
+    state, _meta = load_checkpoint(backbone["checkpoint_uri"])
+    w, b = state.get("head.weight"), state.get("head.bias")
+    if w is not None and b is not None and w.ndim == 2 and w.shape[0] == num_classes and b.shape == (num_classes,):
+        return w.detach().clone(), b.detach().clone()
+    del state, w, b
+    model = load_backbone(backbone, num_classes, json.loads(fmt_json))
     return model.head.weight.detach().clone(), model.head.bias.detach().clone()
 
 

@@ -77,3 +77,36 @@ def run_sweep_json(cfg, out_json):
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(cfg), "--json", str(out_json)],
                           cwd=cfg.parent, env=sweep_env(), capture_output=True, text=True, timeout=400)
     return proc.returncode, proc.stdout + proc.stderr, False
+
+
+def test_the_head_of_a_trial_is_read_without_building_the_backbone(tmp_path, monkeypatch):
+    """Head-based trials read ``head.weight`` / ``head.bias`` from the checkpoint's state dict (no backbone built,
+    ~100 MB less per trial process for a ResNet-50); the tensors are the built model's head."""
+    import torch
+
+    import tasks.runtime
+    from ood_core.checkpoints import save_checkpoint
+    from ood_core.models import build_model
+    from tasks import evaluate
+
+    fmt = {"channels": 1, "image_size": 16, "mean": [0.5], "std": [0.5]}
+    model = build_model("small_cnn", num_classes=4, in_channels=1, image_size=16, load_weights=False)
+    uri = str(tmp_path / "m.pt")
+    save_checkpoint(uri, model, {"arch": "small_cnn"})
+    backbone = {"checkpoint_uri": uri, "arch": "small_cnn", "params": {}}
+    built = []
+    real = tasks.runtime.load_backbone
+    monkeypatch.setattr(tasks.runtime, "load_backbone", lambda *a: built.append(a) or real(*a))
+    evaluate._head.cache_clear()
+    w, b = evaluate._head(json.dumps(backbone), 4, json.dumps(fmt))
+    assert not built
+    torch.testing.assert_close(w, model.head.weight.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(b, model.head.bias.detach(), rtol=0, atol=0)
+    # a checkpoint whose head has another class count than the sweep's: the built model decides (and refuses)
+    evaluate._head.cache_clear()
+    try:
+        evaluate._head(json.dumps(backbone), 5, json.dumps(fmt))
+    except Exception:
+        pass
+    assert built
+    evaluate._head.cache_clear()
