@@ -12,7 +12,8 @@ Pure torch / numpy (no ray, no mlflow).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from .streaming import Chunk, _rows
 
-__all__ = ["order_statistics_of_stream", "quantiles_of_stream"]
+__all__ = ["column_order_statistics_of_stream", "order_statistics_at", "order_statistics_of_stream",
+           "quantiles_of_stream"]
 
 #: entries per block of the radix selection (each int temporary: 64 MiB)
 SELECT_BLOCK = 1 << 24
@@ -63,6 +65,13 @@ def order_statistics_of_stream(values: Callable[[], Iterable[Chunk]], ranks: Seq
     and int temporaries of :data:`SELECT_BLOCK` entries. Values must not be NaN (:func:`quantiles_of_stream`
     returns NaN for them, as numpy)."""
     return _select(values, lambda n: [int(k) for k in ranks])[3]
+
+
+def order_statistics_at(values: Callable[[], Iterable[Chunk]], ranks_of: Callable[[int], Sequence[int]]
+                        ) -> Tuple[int, bool, List[int], Tensor]:
+    """:func:`order_statistics_of_stream` for ranks that depend on the number of entries: ``(n, whether an entry
+    is NaN, ranks_of(n), the order statistics)``."""
+    return _select(values, lambda n: [int(k) for k in ranks_of(n)])
 
 
 def _select(values: Callable[[], Iterable[Chunk]], ranks_of: Callable[[int], List[int]]):
@@ -176,3 +185,94 @@ def quantiles_of_stream(values: Callable[[], Iterable[Chunk]], qs: Sequence[floa
     out = np.add(a, diff * gamma)
     np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=out.dtype)
     return [float(v) for v in out]
+
+
+#: bits per digit of the per-column selection: 256 counters per column and wanted rank
+COLUMN_DIGIT_BITS = 8
+#: entries per block of the per-column selection (its int temporaries: 4 MiB each for float32)
+COLUMN_BLOCK = 1 << 20
+
+
+def column_order_statistics_of_stream(values: Callable[[], Iterable[Chunk]],
+                                      ranks_of: Callable[[int], Sequence[int]]) -> Tuple[int, List[int], Tensor]:
+    r"""Per column, the ``ranks``-th smallest (0-based) over the rows of the stream, exactly:
+    ``(n rows, ranks, values (len(ranks), *sample shape))``, ``ranks = ranks_of(n)``, in the rows' dtype.
+
+    ``values()`` starts a new pass over chunks ``(n_i, ...)`` (or ``(x, y)`` pairs); every entry of a row is a
+    column (``numpy.partition(x, ranks, axis=0)`` of all rows, never holding them). The radix selection of
+    :func:`order_statistics_of_stream`, one per column at once, with digits of :data:`COLUMN_DIGIT_BITS` bits so
+    that the counters stay small (256 per column and wanted rank): pass 1 counts the rows and the top digit of
+    every entry, each further pass the next digit of the entries whose column's known digits match (float32: 4
+    passes, float16 / bfloat16: 2, float64: 8). Memory: the counters and int temporaries of
+    :data:`COLUMN_BLOCK` entries. NaN is refused (``ValueError``)."""
+    dtype: Optional[torch.dtype] = None
+    shape: Optional[Tuple[int, ...]] = None
+    n, hist = 0, None
+    base = 1 << (COLUMN_DIGIT_BITS - 1)
+    mask = (1 << COLUMN_DIGIT_BITS) - 1
+
+    def blocks(chunk: Chunk):
+        """``(keys, counter offset of each column)`` of row blocks of the chunk."""
+        x = _rows(chunk).detach()
+        flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+        width = flat.shape[1]
+        offsets = torch.arange(width, dtype=torch.int32, device=flat.device) << COLUMN_DIGIT_BITS
+        step = max(1, COLUMN_BLOCK // max(1, width))
+        for s in range(0, flat.shape[0], step):
+            block = flat[s : s + step]
+            if bool(torch.isnan(block).any()):
+                raise ValueError("exact selection: NaN among the values")
+            yield _keys(block), offsets
+
+    for chunk in values():
+        x = _rows(chunk)
+        if dtype is None:
+            dtype, shape = x.dtype, tuple(x.shape[1:])
+            if dtype not in _INT:
+                raise ValueError(f"exact selection: values must be floating, got {dtype}")
+            hist = torch.zeros(math.prod(shape) << COLUMN_DIGIT_BITS, dtype=torch.long, device=x.device)
+        elif x.dtype != dtype or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"exact selection: chunks of {x.dtype} {tuple(x.shape[1:])} after chunks of {dtype} "
+                             f"{shape}")
+        n += x.shape[0]
+        bits = x.element_size() * 8
+        for keys, offsets in blocks(chunk):
+            top = (keys >> (bits - COLUMN_DIGIT_BITS)).to(torch.int32) + base  # 0 .. 255
+            hist += torch.bincount((offsets + top).reshape(-1), minlength=hist.numel())
+    if n == 0:
+        raise ValueError("exact selection: no values")
+    ranks = [int(k) for k in ranks_of(n)]
+    bad = [k for k in ranks if not 0 <= k < n]
+    if bad:
+        raise ValueError(f"exact selection: rank {bad[0]} outside [0, {n})")
+    bits = torch.empty(0, dtype=dtype).element_size() * 8
+    width = math.prod(shape)
+    state = {}  # rank -> (known top digits of each column's key, as signed prefixes (E,); rank inside them (E,))
+    for k in sorted(set(ranks)):
+        digit, r = _locate_columns(hist.view(width, -1), torch.full((width,), k, dtype=torch.long,
+                                                                     device=hist.device))
+        state[k] = (digit - base, r)
+    for level in range(2, bits // COLUMN_DIGIT_BITS + 1):
+        shift = bits - level * COLUMN_DIGIT_BITS
+        prefixes = {k: p.to(_INT[dtype]) for k, (p, _) in state.items()}  # compared in the keys' width
+        hists = {k: torch.zeros_like(hist) for k in state}
+        for chunk in values():
+            for keys, offsets in blocks(chunk):
+                high = keys >> (shift + COLUMN_DIGIT_BITS)
+                index = offsets + ((keys >> shift) & mask).to(torch.int32)
+                for k, prefix in prefixes.items():
+                    hists[k] += torch.bincount(index[high == prefix], minlength=hist.numel())
+        for k, (prefix, r) in list(state.items()):
+            digit, r = _locate_columns(hists[k].view(width, -1), r)
+            state[k] = ((prefix << COLUMN_DIGIT_BITS) + digit, r)
+    found = torch.stack([_floats(state[k][0].tolist(), dtype) for k in ranks]) if ranks else \
+        torch.empty(0, width, dtype=dtype)
+    return n, ranks, found.reshape(len(ranks), *shape)
+
+
+def _locate_columns(hist: Tensor, rank: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per column, ``(digit, rank inside it)`` of the ``rank``-th smallest entry counted by ``hist`` ``(E, 256)``."""
+    cum = torch.cumsum(hist, dim=1)
+    b = torch.searchsorted(cum, rank[:, None], right=True)[:, 0]
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(b))
+    return b, rank - before

@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -185,7 +185,20 @@ def percentiles(x: Tensor, qs: Sequence[float]) -> List[float]:
         value = {k: float(part[k]) for k in kth}
     else:
         value = {k: float(flat.kthvalue(k + 1).values) for k in kth}
-    return [value[lo] + (value[hi] - value[lo]) * frac if frac else value[lo] for lo, hi, frac in pos]
+    return _interpolate(value, pos)
+
+
+def percentiles_of_stream(values: Callable[[], Iterable[Any]], qs: Sequence[float]) -> List[float]:
+    """:func:`percentiles` of all entries of the stream ``values()`` (a new pass per call over tensors or
+    ``(x, y)`` pairs), never holding them: the same numbers, from the exact order statistics
+    (:func:`~ood_core.quantiles.order_statistics_at`)."""
+    from ..quantiles import order_statistics_at
+
+    pos: List[tuple] = []
+    n, nan, ranks, found = order_statistics_at(values, lambda n: _kth(pos, n, qs))
+    if nan:
+        return [float("nan")] * len(pos)
+    return _interpolate(dict(zip(ranks, found.double().tolist())), pos)
 
 
 def percentiles_dim0(x: Tensor, qs: Sequence[float]) -> List[Tensor]:
@@ -200,8 +213,34 @@ def percentiles_dim0(x: Tensor, qs: Sequence[float]) -> List[Tensor]:
         value = {k: part[:, k] for k in kth}
     else:
         value = {k: flat.kthvalue(k + 1, dim=0).values for k in kth}
+    return _interpolate_columns(value, pos, x.dtype, x.shape[1:])
+
+
+def percentiles_dim0_of_stream(values: Callable[[], Iterable[Any]], qs: Sequence[float]) -> List[Tensor]:
+    """:func:`percentiles_dim0` of the rows of the stream ``values()`` (chunks ``(n_i, ...)`` or ``(x, y)``
+    pairs), never holding them: the same tensors, from the exact order statistics of every column
+    (:func:`~ood_core.quantiles.column_order_statistics_of_stream`)."""
+    from ..quantiles import column_order_statistics_of_stream
+
+    pos: List[tuple] = []
+    _, ranks, found = column_order_statistics_of_stream(values, lambda n: _kth(pos, n, qs))
+    value = {k: found[i].reshape(-1) for i, k in enumerate(ranks)}
+    return _interpolate_columns(value, pos, found.dtype, found.shape[1:])
+
+
+def _kth(pos: List[tuple], n: int, qs: Sequence[float]) -> List[int]:
+    """The order statistics the percentiles ``qs`` of ``n`` values need; fills ``pos`` (:func:`_positions`)."""
+    pos[:] = _positions(n, qs)
+    return sorted({k for lo, hi, _ in pos for k in (lo, hi)})
+
+
+def _interpolate(value: Dict[int, float], pos: List[tuple]) -> List[float]:
+    return [value[lo] + (value[hi] - value[lo]) * frac if frac else value[lo] for lo, hi, frac in pos]
+
+
+def _interpolate_columns(value: Dict[int, Tensor], pos: List[tuple], dtype: torch.dtype, shape) -> List[Tensor]:
     out = []
     for lo, hi, frac in pos:
         v = value[lo] if not frac else value[lo] + (value[hi] - value[lo]) * frac
-        out.append(v.to(x.dtype).reshape(x.shape[1:]).contiguous())
+        out.append(v.to(dtype).reshape(shape).contiguous())
     return out

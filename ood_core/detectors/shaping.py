@@ -23,8 +23,9 @@ from torch import Tensor
 
 from ..api import FeatureMapsDetector, FeaturesDetector, InvalidInputError
 from ..constraints import Boolean, Interval, Options, Param, ParameterError, Percent
+from ..streaming import Chunks
 from .head import LOGIT_SCORE, Head, HeadMixin
-from .numerics import percentiles, percentiles_dim0
+from .numerics import percentiles, percentiles_dim0, percentiles_dim0_of_stream, percentiles_of_stream
 
 OPENOOD_PERCENTILES = [65, 70, 75, 80, 85, 90, 95]
 
@@ -192,6 +193,7 @@ class VRA(_HeadShaper):
     """
 
     requires_fit: ClassVar[bool] = True
+    streams_fit: ClassVar[bool] = True
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "lower_percentile": Param(Interval(float, 1, 100, hint="it is in percent: write lower_percentile=1 for the "
                                            "1st percentile (pytorch-ood's lower_percentile=0.01)"),
@@ -232,6 +234,24 @@ class VRA(_HeadShaper):
         else:
             self.lower_, self.upper_ = percentiles(a, qs)
         self.sample_shape_ = tuple(x.shape[1:])
+
+    def _fit_stream(self, chunks: Chunks) -> None:
+        """The same thresholds from the rows' chunks, by exact selection in bounded memory: two passes for the
+        two scalars (:func:`~.numerics.percentiles_of_stream`), four per entry (float32;
+        :func:`~.numerics.percentiles_dim0_of_stream`)."""
+        shapes = []
+
+        def activations():
+            for x, _ in chunks():
+                shapes.append(tuple(x.shape[1:]))
+                yield self._activations(x)
+
+        qs = [self.lower_percentile, self.upper_percentile]
+        if self.per_dimension:
+            self.lower_, self.upper_ = percentiles_dim0_of_stream(activations, qs)
+        else:
+            self.lower_, self.upper_ = percentiles_of_stream(activations, qs)
+        self.sample_shape_ = shapes[0]
 
     def shape(self, x: Tensor) -> Tensor:
         if self.per_dimension and tuple(x.shape[1:]) != self.sample_shape_:

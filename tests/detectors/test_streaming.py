@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from ood_core.detectors import (DICE, GMM, NCI, NECO, RMD, SHE, KLMatching, Mahalanobis, ReAct, ViM,
+from ood_core.detectors import (DICE, GMM, NCI, NECO, RMD, SHE, KLMatching, Mahalanobis, ReAct, ViM, VRA,
                                 WeightedEBO, fDBD)
 from ood_core.detectors.mahalanobis_pp import RMDPP, MahalanobisPP
 from ood_core.detectors.registry import fit_detector
 from ood_core.rows import RowSource
-from ood_core.quantiles import order_statistics_of_stream, quantiles_of_stream
+from ood_core.quantiles import column_order_statistics_of_stream, order_statistics_of_stream, quantiles_of_stream
 from ood_core.streaming import ClassMoments, mean_of_stream
 
 
@@ -277,11 +277,13 @@ def _detectors(data):
         "ReAct": lambda: ReAct(head=(w, b), percentile=90),
         "SHE": lambda: SHE(head=(w, b)), "DICE": lambda: DICE(w=w, b=b, p=70),
         "KLMatching": lambda: KLMatching(), "WeightedEBO": lambda: WeightedEBO(),
+        "VRA": lambda: VRA(head=(w, b), lower_percentile=40, upper_percentile=95),
+        "VRA per entry": lambda: VRA(head=(w, b), lower_percentile=40, upper_percentile=95, per_dimension=True),
     }
 
 
 STREAMING = ["Mahalanobis", "RMD", "GMM", "NECO", "NCI", "fDBD", "ViM", "ReAct", "SHE", "DICE", "KLMatching",
-             "WeightedEBO"]
+             "WeightedEBO", "VRA", "VRA per entry"]
 
 
 @pytest.mark.parametrize("name", STREAMING)
@@ -334,6 +336,49 @@ def test_streamed_react_threshold_is_numpys_percentile(data):
         assert det.threshold_ == float(np.percentile(data["z"].numpy(), [p])[0])
 
 
+def test_streamed_vra_thresholds_are_the_in_memory_ones(data):
+    """VRA's thresholds from the stream (exact selection: two scalars, or one pair per entry) are the in-memory
+    fit's bit for bit, and numpy's percentiles."""
+    z = data["z"]
+    rows = RowSource({"features": z.numpy()}, data["y"], chunk_rows=37)
+    for per_dimension in (False, True):
+        make = lambda: VRA(head=(data["w"], data["b"]), lower_percentile=35, upper_percentile=92.5,
+                           per_dimension=per_dimension)
+        got, want = make().fit_rows(rows, "features"), make().fit_features(z, data["y"])
+        for key in ("lower_", "upper_"):
+            a, b = getattr(got, key), getattr(want, key)
+            assert torch.equal(a, b) if per_dimension else a == b, key
+        ref = np.percentile(z.numpy(), [35, 92.5], axis=0 if per_dimension else None)
+        np.testing.assert_allclose(np.stack([np.asarray(got.lower_), np.asarray(got.upper_)]), ref, rtol=1e-6)
+
+
+def test_column_order_statistics_are_numpys_partition_per_column():
+    """Per column, the exact k-th smallest of a stream (ties, signed zeros, a constant column, float16 and
+    float64), in 1 + bits / 8 passes, whatever the ties."""
+    rng = np.random.default_rng(3)
+    for dtype, passes in ((np.float32, 4), (np.float16, 2), (np.float64, 8)):
+        v = rng.standard_normal((2501, 4, 3)).astype(dtype)
+        v[::9] = 0.0
+        v[1::13] = -0.0
+        v[:, 2, 1] = 7.0
+        v[100:900, 0, 0] = -1.25
+        ranks = [0, 1, 1250, 2499, 2500]
+        count = []
+
+        def values():
+            count.append(1)
+            return _stream(v, 97)()
+
+        n, got_ranks, got = column_order_statistics_of_stream(values, lambda n: ranks)
+        assert n == 2501 and got_ranks == ranks and got.shape == (5, 4, 3)
+        np.testing.assert_array_equal(got.numpy(), np.partition(v, ranks, axis=0)[ranks])
+        assert len(count) == passes, dtype
+    bad = np.zeros((10, 2), dtype=np.float32)
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        column_order_statistics_of_stream(_stream(bad, 4), lambda n: [0])
+
+
 def test_subclasses_that_transform_rows_in_their_own_fit_fit_in_memory(data):
     """MahalanobisPP / RMDPP normalise the streamed rows (their ``_fit_stream``): streamed equals in memory. A
     subclass that overrides ``_fit`` alone (a transform of the rows there) would be bypassed by the inherited
@@ -362,7 +407,7 @@ PEAK_SCRIPT = textwrap.dedent(r"""
     import json, re, sys, tempfile
     import numpy as np, torch
     torch.set_num_threads(1)
-    from ood_core.detectors import GMM, Mahalanobis, ReAct, ViM
+    from ood_core.detectors import GMM, VRA, Mahalanobis, ReAct, ViM
     from ood_core.rows import RowSource
 
     N, D, C = 250_000, 128, 10
@@ -398,7 +443,7 @@ PEAK_SCRIPT = textwrap.dedent(r"""
         return (status("VmHWM") - status("RssFile") - before) / (N * D * 4)
 
     dets = {"Mahalanobis": lambda: Mahalanobis(), "GMM": lambda: GMM(), "ViM": lambda: ViM(d=64, w=w, b=b),
-            "ReAct": lambda: ReAct(head=(w, b))}
+            "ReAct": lambda: ReAct(head=(w, b)), "VRA per entry": lambda: VRA(head=(w, b), per_dimension=True)}
     lazy = RowSource({"features": Lazy()}, labels, chunk_rows=4096)
     for make in dets.values():  # warm-up: libraries loaded, allocator primed
         make().fit_features(torch.from_numpy(Lazy()[:5000]), torch.from_numpy(labels[:5000]))
@@ -424,7 +469,8 @@ def test_streamed_fits_never_hold_the_column():
     ratio = json.loads(proc.stdout.strip().splitlines()[-1])
     assert ratio["in-memory control"] >= 0.9, ratio  # the measurement sees a copy of the column
     assert ratio["float16 memmap in-memory control"] >= 0.9, ratio
-    for name in ("Mahalanobis", "GMM", "ViM", "ReAct", "Mahalanobis float16 memmap", "ReAct float16 memmap"):
+    for name in ("Mahalanobis", "GMM", "ViM", "ReAct", "VRA per entry", "Mahalanobis float16 memmap",
+                 "ReAct float16 memmap"):
         assert ratio[name] < 0.25, (name, ratio)
 
 
