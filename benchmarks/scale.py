@@ -170,7 +170,11 @@ def contexts_and_entries(store: Dict[str, str], n: int):
                          "batch_size": 256, "score_test_every_trial": False, "fit_on": "train"}
         entries.append({"key": key, "search": det["search"], "num_samples": 1,
                         "tags": {"backbone": backbone["label"], "detector": det["type"]}})
-    return contexts, entries
+    # the sweep's order: no search right after one whose fit shares a training statistic with it
+    from ood_core.detectors.registry import get_spec
+    from orchestrator.search import spread_shared_statistics
+
+    return contexts, spread_shared_statistics(entries, lambda e: get_spec(e["tags"]["detector"]).cls.shared_statistics)
 
 
 def _floor_trainable(config):

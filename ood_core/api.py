@@ -151,6 +151,10 @@ class Detector:
     #: the fit reads the training rows in chunks (``fit_rows`` on a :class:`~ood_core.rows.RowSource`), never all
     #: of them at once: sufficient statistics, exact streaming selection, a sampled bank
     streams_fit: ClassVar[bool] = False
+    #: names of the training-set statistics the streamed fit shares with other fits on one machine
+    #: (:func:`ood_core.streaming.shared`): the first fit that asks computes one, the others wait for it, so a
+    #: scheduler keeps fits of one statistic from starting side by side
+    shared_statistics: ClassVar[Tuple[str, ...]] = ()
     parameter_constraints: ClassVar[Dict[str, Param]] = {}
     #: hyperparameter name -> search spec, e.g. ``{"t": {"grid": [1, 10, 100]}}``
     default_search_space: ClassVar[Dict[str, Any]] = {}

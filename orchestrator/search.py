@@ -21,7 +21,7 @@ for how one Tuner carries every detector's search.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -178,6 +178,21 @@ def entry_variants(search: Dict[str, Any], num_samples: int, seed: int, key: str
         for _spec, cfg in generate_variants(param_space(search), random_state=rng):
             points.append(cfg)
     return points
+
+
+def spread_shared_statistics(entries: List[Dict[str, Any]],
+                             statistics: Callable[[Dict[str, Any]], Iterable[Any]]) -> List[Dict[str, Any]]:
+    """``entries`` in an order where, wherever another order allows, no entry directly follows one that shares a
+    training statistic with it (``statistics(entry)``: what its fit shares, e.g. ``(backbone, "moments_about_mean")``
+    for Mahalanobis and RMD): the first fit of a statistic computes it while the others wait, so two such trials
+    side by side would leave a task slot idle. Otherwise the order is kept."""
+    remaining, out, last = list(entries), [], set()
+    while remaining:
+        pick = next((e for e in remaining if not last & set(statistics(e))), remaining[0])
+        remaining.remove(pick)
+        out.append(pick)
+        last = set(statistics(pick))
+    return out
 
 
 def sweep_space(entries: List[Dict[str, Any]], seed: int) -> Dict[str, Any]:

@@ -352,7 +352,8 @@ class SweepRunner:
     def search(self, tracker: Tracker, parent: str) -> List[Dict]:
         """Search every (backbone, detector) pair; unchanged searches come from the search cache."""
         from ood_core.detectors.registry import get_spec
-        from orchestrator.search import BatchedMLflowCallback, TrialProgress, entry_variants, run_search
+        from orchestrator.search import (BatchedMLflowCallback, TrialProgress, entry_variants, run_search,
+                                         spread_shared_statistics)
         from tasks.evaluate import at_chance, backbone_accuracy, constant, load_scores, tune_trial
 
         cfg, plan = self.cfg, self.plan
@@ -384,6 +385,8 @@ class SweepRunner:
         # searches that run the network in their trials first: their test scoring, done by their last trial,
         # then overlaps the other searches instead of ending the stage (the table keeps the sweep's order)
         entries.sort(key=lambda e: get_spec(info[e["key"]][1].type).representation not in ("model", "feature_maps"))
+        entries = spread_shared_statistics(entries, lambda e: [
+            (info[e["key"]][0].label, s) for s in get_spec(info[e["key"]][1].type).cls.shared_statistics])
         if entries:
             if cfg.search.algorithm == "optuna":
                 total = sum(e["num_samples"] for e in entries)

@@ -110,3 +110,27 @@ def test_the_head_of_a_trial_is_read_without_building_the_backbone(tmp_path, mon
         pass
     assert built
     evaluate._head.cache_clear()
+
+
+def test_searches_that_share_a_training_statistic_do_not_start_side_by_side():
+    """Mahalanobis and RMD of one backbone share the class moments (the first fit computes them, the other
+    waits): the search order puts another search between them where it can, keeps the order otherwise, and
+    the statistics of other backbones do not collide."""
+    from ood_core.detectors.registry import get_spec
+    from orchestrator.search import spread_shared_statistics
+
+    def entries(*keys):
+        return [{"key": k} for k in keys]
+
+    def stats(e):
+        backbone, name = e["key"].split("/")
+        return [(backbone, s) for s in get_spec(name).cls.shared_statistics]
+
+    order = [e["key"] for e in spread_shared_statistics(
+        entries("a/Mahalanobis", "a/RMD", "a/ViM", "a/KNN", "a/EnergyBased"), stats)]
+    assert order == ["a/Mahalanobis", "a/ViM", "a/RMD", "a/KNN", "a/EnergyBased"]
+    keep = ["a/Mahalanobis", "b/RMD", "a/KNN", "a/RMD"]  # nothing adjacent shares: unchanged
+    assert [e["key"] for e in spread_shared_statistics(entries(*keep), stats)] == keep
+    # nothing else to put between them: the order stays
+    assert [e["key"] for e in spread_shared_statistics(entries("a/Mahalanobis", "a/RMD"), stats)] == \
+        ["a/Mahalanobis", "a/RMD"]

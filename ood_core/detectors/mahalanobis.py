@@ -1,7 +1,7 @@
 """Mahalanobis distance to class-conditional Gaussians with a shared covariance."""
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, Optional
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -68,6 +68,7 @@ class Mahalanobis(FeaturesDetector):
 
     requires_fit: ClassVar[bool] = True
     streams_fit: ClassVar[bool] = True
+    shared_statistics: ClassVar[Tuple[str, ...]] = ("moments_about_mean",)
     parameter_constraints: ClassVar[Dict[str, Param]] = {}
     default_search_space: ClassVar[Dict[str, Any]] = {}
 

@@ -12,7 +12,7 @@ is the parent's.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from torch import Tensor
 
@@ -23,6 +23,8 @@ from .mahalanobis import Mahalanobis
 
 class _L2Normalized:
     """Rows scaled to unit :math:`\\ell_2` norm before the parent detector fits and scores (zero rows stay 0)."""
+
+    shared_statistics: Tuple[str, ...] = ()  # the parent's statistics of other rows: not shared
 
     def _fit_stream(self, chunks) -> None:  # the parent's fit, in memory or streamed, on normalised rows
         super()._fit_stream(lambda: ((normalise(z), y) for z, y in chunks()))

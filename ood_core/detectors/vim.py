@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -80,6 +80,7 @@ class ViM(HeadMixin, FeaturesDetector):
 
     requires_fit: ClassVar[bool] = True
     streams_fit: ClassVar[bool] = True
+    shared_statistics: ClassVar[Tuple[str, ...]] = ("second_moment_float32_products",)
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "d": Param(Interval(int, 1, D - 1), None, doc="principal dimension; None = the official rule"),
     }

@@ -336,6 +336,20 @@ def test_streamed_react_threshold_is_numpys_percentile(data):
         assert det.threshold_ == float(np.percentile(data["z"].numpy(), [p])[0])
 
 
+@pytest.mark.parametrize("name", STREAMING + ["MahalanobisPP", "RMDPP"])
+def test_declared_shared_statistics_are_the_ones_the_fit_shares(data, name):
+    """``shared_statistics`` (what a scheduler reads to keep fits that wait on one statistic apart) names exactly
+    the statistics the streamed fit asks the row source to share."""
+    make = {"MahalanobisPP": MahalanobisPP, "RMDPP": RMDPP, **_detectors(data)}[name]
+    det = make()
+    z = data["z"] if det.representation != "logits" else data["z"] @ data["w"].T + data["b"]
+    asked = []
+    rows = RowSource({det.representation: z.numpy()}, data["y"], chunk_rows=37,
+                     share=lambda key, compute: asked.append(key.split("/", 1)[1]) or compute())
+    det.fit_rows(rows, det.representation)
+    assert sorted(set(asked)) == sorted(type(det).shared_statistics), (name, asked)
+
+
 def test_streamed_vra_thresholds_are_the_in_memory_ones(data):
     """VRA's thresholds from the stream (exact selection: two scalars, or one pair per entry) are the in-memory
     fit's bit for bit, and numpy's percentiles."""
