@@ -1,6 +1,7 @@
 """ViM: Virtual-logit Matching."""
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
@@ -12,7 +13,7 @@ from ..constraints import D, Interval, Param
 from ..streaming import Chunks, ClassMoments, shared
 from .feature_stats import _dimension_grid
 from .head import HeadMixin
-from .numerics import by_row_blocks, one_thread
+from .numerics import by_row_blocks, one_thread, row_slices
 
 #: OpenOOD's grid for the principal dimension d (kept where d < D)
 OPENOOD_GRID = [256, 1000]
@@ -52,7 +53,9 @@ class ViM(HeadMixin, FeaturesDetector):
     as the official code's ``EmpiricalCovariance``, but about a point near the mean and summed in float64 over
     row blocks, :class:`~ood_core.streaming.ClassMoments` with ``dtype=None``, moved to :math:`u` exactly; float64
     features: float64 throughout) and eigendecomposed in float64. The fit streams (``fit_rows``): one pass for
-    the second moment, one for :math:`\alpha`. Where the eigenvalues at the split :math:`d` nearly coincide,
+    the second moment, one for :math:`\alpha`'s terms, the mean max logit and the mean residual norm of every
+    :math:`d` at once (the cumulative sums of the squared coordinates on the eigenvectors, in float64), so that a
+    search over :math:`d` shares both passes and the eigendecomposition (:func:`~ood_core.streaming.shared`). Where the eigenvalues at the split :math:`d` nearly coincide,
     float32 sums rotate the split (scores move by ~2e-4 relative with an eigengap of 5e-4 of the largest
     eigenvalue): pass float64 features (in memory) for float64 throughout.
 
@@ -80,7 +83,8 @@ class ViM(HeadMixin, FeaturesDetector):
 
     requires_fit: ClassVar[bool] = True
     streams_fit: ClassVar[bool] = True
-    shared_statistics: ClassVar[Tuple[str, ...]] = ("second_moment_float32_products",)
+    shared_statistics: ClassVar[Tuple[str, ...]] = ("second_moment_float32_products", "vim_spectrum",
+                                                     "vim_alpha_terms")
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "d": Param(Interval(int, 1, D - 1), None, doc="principal dimension; None = the official rule"),
     }
@@ -109,23 +113,35 @@ class ViM(HeadMixin, FeaturesDetector):
         w, b = self.w.to(torch.float64), self.b.to(torch.float64)
         u = -(torch.linalg.pinv(w) @ b)
         # pass 1: the second moment about u, products in the features' precision about a point near their mean
-        stats = shared(chunks, "second_moment_float32_products",  # one pass, shared by the searched values of d
+        stats = shared(chunks, "second_moment_float32_products",
                        lambda: ClassMoments(dim, dtype=None).update_all(z for z, _ in chunks()))
         n = stats.n
         u = u.to(stats.device)
-        cov = stats.scatter(about=u) / n  # float64 (D, D)
-        with one_thread(cov):
-            _, evecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+        head = hashlib.sha256(w.cpu().numpy().tobytes() + b.cpu().numpy().tobytes()).hexdigest()[:16]
+
+        def spectrum():
+            cov = stats.scatter(about=u) / n  # float64 (D, D)
+            with one_thread(cov):
+                _, evecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+            return float(torch.diagonal(cov).sum()), evecs
+
+        trace, evecs = shared(chunks, f"vim_spectrum/{head}", spectrum)  # what no value of d changes
+
+        def alpha_terms():  # pass 2, for every d at once: the mean max logit and the mean residual norms
+            max_logit, resid = 0.0, torch.zeros(dim, dtype=torch.float64, device=evecs.device)
+            for z, _ in chunks():
+                max_logit = max_logit + self.logits(z).amax(dim=1).sum(dtype=torch.float64)
+                for rows in row_slices(z):
+                    p = (z[rows] - u.to(z)) @ evecs.to(z)  # coordinates on the eigenvectors, ascending
+                    resid += p.to(torch.float64).square_().cumsum_(dim=1).sqrt_().sum(dim=0)
+            return float(max_logit) / n, resid / n  # resid[r - 1]: mean norm on the r trailing directions
+
+        mean_max_logit, mean_resid = shared(chunks, f"vim_alpha_terms/{head}", alpha_terms)
         self.u = u  #: origin, (D,) float64
         self.residual_basis = evecs[:, : dim - d].contiguous()  #: R, (D, D - d) float64
-        resid = max_logit = 0.0
-        for z, _ in chunks():  # pass 2: the mean residual norm and max logit for alpha
-            resid = resid + by_row_blocks(self._residual_norm, z).sum(dtype=torch.float64)
-            max_logit = max_logit + self.logits(z).amax(dim=1).sum(dtype=torch.float64)
-        resid, max_logit = resid / n, max_logit / n
         # guard: features (almost) inside the principal subspace have no residual to match
-        floor = 1e-8 * math.sqrt(max(float(torch.diagonal(cov).sum()), 0.0)) + 1e-12
-        self.alpha = float(max_logit) / max(float(resid), floor)
+        floor = 1e-8 * math.sqrt(max(trace, 0.0)) + 1e-12
+        self.alpha = mean_max_logit / max(float(mean_resid[dim - d - 1]), floor)
         self.dim = d  #: the d of the last fit
 
     def _residual_norm(self, z: Tensor) -> Tensor:
