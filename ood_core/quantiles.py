@@ -22,7 +22,7 @@ from torch import Tensor
 from .streaming import Chunk, _rows
 
 __all__ = ["column_order_statistics_of_stream", "order_statistics_at", "order_statistics_of_stream",
-           "quantiles_of_stream"]
+           "quantiles_of_stream", "top_digits_of_stream"]
 
 #: entries per block of the radix selection (each int temporary: 64 MiB)
 SELECT_BLOCK = 1 << 24
@@ -74,10 +74,10 @@ def order_statistics_at(values: Callable[[], Iterable[Chunk]], ranks_of: Callabl
     return _select(values, lambda n: [int(k) for k in ranks_of(n)])
 
 
-def _select(values: Callable[[], Iterable[Chunk]], ranks_of: Callable[[int], List[int]]):
-    """``(n, nan, ranks, order statistics)``: pass 1 counts the entries (``n``, whether one is NaN) and their top
-    digits; ``ranks_of(n)`` says which ranks to find; the next passes refine them (see
-    :func:`order_statistics_of_stream`)."""
+def top_digits_of_stream(values: Callable[[], Iterable[Chunk]]) -> Tuple[torch.dtype, int, bool, Tensor]:
+    """The first pass of the exact selection: ``(dtype, n entries, whether one is NaN, counts of the entries' top
+    16 key bits)``. It does not depend on the wanted ranks: fits that select several quantiles of one stream
+    (ReAct's percentiles in a search) can compute it once and pass it to :func:`quantiles_of_stream`."""
     dtype: Optional[torch.dtype] = None
     n, nan = 0, False
     hist: Optional[Tensor] = None
@@ -99,6 +99,15 @@ def _select(values: Callable[[], Iterable[Chunk]], ranks_of: Callable[[int], Lis
             hist = _count(hist, top)
     if n == 0:
         raise ValueError("exact selection: no values")
+    return dtype, n, nan, hist
+
+
+def _select(values: Callable[[], Iterable[Chunk]], ranks_of: Callable[[int], List[int]],
+            first: Optional[Tuple[torch.dtype, int, bool, Tensor]] = None):
+    """``(n, nan, ranks, order statistics)``: pass 1 counts the entries (``n``, whether one is NaN) and their top
+    digits (or ``first``, :func:`top_digits_of_stream` of the same stream); ``ranks_of(n)`` says which ranks to
+    find; the next passes refine them (see :func:`order_statistics_of_stream`)."""
+    dtype, n, nan, hist = top_digits_of_stream(values) if first is None else first
     ranks = ranks_of(n)
     bad = [k for k in ranks if not 0 <= k < n]
     if bad:
@@ -146,7 +155,8 @@ def _locate(hist: Tensor, rank: int):
     return b, rank - (int(cum[b - 1]) if b else 0)
 
 
-def quantiles_of_stream(values: Callable[[], Iterable[Chunk]], qs: Sequence[float]) -> List[float]:
+def quantiles_of_stream(values: Callable[[], Iterable[Chunk]], qs: Sequence[float],
+                        first: Optional[Tuple[torch.dtype, int, bool, Tensor]] = None) -> List[float]:
     r"""``numpy.percentile(all_values, qs)`` (linear interpolation, ``qs`` a sequence of percents) of all entries
     of the stream ``values()`` (a new pass per call; see :func:`order_statistics_of_stream`), exactly: the same
     float64 numbers, from the exact order statistics (float32: 2 passes) and numpy's arithmetic
@@ -157,7 +167,8 @@ def quantiles_of_stream(values: Callable[[], Iterable[Chunk]], qs: Sequence[floa
 
     with the difference :math:`x_{(j+1)} - x_{(j)}` in the values' dtype, as numpy computes it (numpy with a
     scalar ``q`` also rounds the result to the values' dtype; bfloat16 values are interpolated as float32). A NaN
-    among the values makes every quantile NaN, as in numpy."""
+    among the values makes every quantile NaN, as in numpy. ``first``: the stream's first pass, computed before
+    (:func:`top_digits_of_stream`), so that this call makes only the refining passes."""
     q = np.true_divide(np.asarray(qs, dtype=np.float64), 100)
     if q.ndim != 1 or not bool(np.all((q >= 0) & (q <= 1))):
         raise ValueError("quantiles_of_stream: qs must be a sequence of percentiles in [0, 100]")
@@ -173,7 +184,7 @@ def quantiles_of_stream(values: Callable[[], Iterable[Chunk]], qs: Sequence[floa
         where.update(gamma=virtual - prev, lo=prev.astype(np.int64) % n, hi=nxt.astype(np.int64) % n)
         return sorted({*where["lo"].tolist(), *where["hi"].tolist()})
 
-    _, nan, ranks, found = _select(values, ranks_of)
+    _, nan, ranks, found = _select(values, ranks_of, first)
     if nan:
         return [float("nan")] * len(q)
     found = (found.float() if found.dtype == torch.bfloat16 else found).numpy()

@@ -1,14 +1,14 @@
 """ReAct: rectified (clipped) penultimate activations, scored through the linear head."""
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, Optional
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 from torch import Tensor
 
 from ..api import FeaturesDetector
 from ..constraints import Interval, Param, Percent
-from ..quantiles import quantiles_of_stream
-from ..streaming import Chunks
+from ..quantiles import quantiles_of_stream, top_digits_of_stream
+from ..streaming import Chunks, shared
 from .head import LOGIT_SCORE, Head, HeadMixin
 from .numerics import percentiles
 
@@ -34,7 +34,8 @@ class ReAct(HeadMixin, FeaturesDetector):
     :math:`c` is an exact partial selection (:func:`~.numerics.percentiles`); ``fit_rows`` streams the rows
     and selects exactly in two passes of bounded memory (:func:`~ood_core.quantiles.quantiles_of_stream`:
     ``numpy.percentile``'s arithmetic, which can differ from the in-memory interpolation in the last bit of the
-    float64 threshold).
+    float64 threshold); the first pass does not depend on the percentile and is shared by the percentiles a
+    search tries (:func:`~ood_core.streaming.shared`).
 
     Paper: Sun, Guo & Li, "ReAct: Out-of-distribution Detection With Rectified Activations", NeurIPS 2021
     (arXiv:2111.12797); code github.com/deeplearning-wisc/react.
@@ -54,6 +55,7 @@ class ReAct(HeadMixin, FeaturesDetector):
     """
 
     streams_fit: ClassVar[bool] = True
+    shared_statistics: ClassVar[Tuple[str, ...]] = ("entry_top_digits",)
     parameter_constraints: ClassVar[Dict[str, Param]] = {
         "threshold": Param(Interval(float), None, structural=False, doc="absolute clipping threshold"),
         "percentile": Param(Percent("percentile"), doc="percentile of the ID-train activations, in percent"),
@@ -79,7 +81,10 @@ class ReAct(HeadMixin, FeaturesDetector):
 
     def _fit_stream(self, chunks: Chunks) -> None:
         self._require_head()
-        self.threshold_ = quantiles_of_stream(chunks, [self.percentile])[0]  # exact, 2 passes, bounded memory
+        # exact, in bounded memory: the first pass (counts of the entries' top bits) is shared by every percentile
+        # a search tries, the second is this percentile's
+        first = shared(chunks, "entry_top_digits", lambda: top_digits_of_stream(chunks))
+        self.threshold_ = quantiles_of_stream(chunks, [self.percentile], first=first)[0]
 
     def _score(self, z: Tensor) -> Tensor:
         c = self.threshold if self.threshold is not None else self.threshold_

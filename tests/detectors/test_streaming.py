@@ -548,3 +548,14 @@ def test_fits_of_one_training_set_share_their_moments(data):
     Mahalanobis().fit_rows(other, "x2")
     Mahalanobis().fit_rows(other, "features")
     assert column.passes == 4 + 2
+
+
+def test_react_percentiles_share_the_first_pass_of_their_selection(data):
+    """ReAct's percentiles of one training set: the first pass of the exact selection (counts of the entries'
+    top bits) once for all, then one pass each; the thresholds are the unshared ones, numpy's percentiles."""
+    column = _CountingColumn(data["z"].numpy())
+    rows = RowSource({"features": column}, data["y"], chunk_rows=37)
+    head = (data["w"], data["b"])
+    got = [ReAct(head=head, percentile=p).fit_rows(rows, "features").threshold_ for p in (85, 90, 99)]
+    assert column.passes == 1 + 3
+    assert got == np.percentile(data["z"].numpy(), [85, 90, 99]).tolist()
