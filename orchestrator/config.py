@@ -14,6 +14,7 @@ becomes a path or an artifact path (the sweep, backbones, data sets, detectors, 
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import re
 from pathlib import Path
@@ -515,6 +516,10 @@ def reachable_values(spec: Any) -> List[Any]:
     return [spec]
 
 
+#: grid points of one search checked against the cross-parameter constraints (the first ones, past this)
+MAX_CHECKED_POINTS = 100_000
+
+
 def check_detector_values(path: str, cls: type, params: Dict[str, Any], search: Optional[Dict[str, Any]],
                           data: Optional[Dict[str, int]] = None) -> None:
     """Check the fixed parameters and every reachable search value of a detector against its declared
@@ -528,6 +533,20 @@ def check_detector_values(path: str, cls: type, params: Dict[str, Any], search: 
             cls.check_params({**params, name: value}, data)
         except ParameterError as exc:
             raise ConfigError(f"{field_path}: {exc}") from None
+    # every point of the grid where several hyperparameters take finitely many values: a cross-parameter
+    # check (VRA's lower_percentile <= upper_percentile) that one point fails would fail its trial
+    finite = {k: reachable_values(spec) for k, spec in (search or {}).items()
+              if not (isinstance(spec, list) and any(isinstance(item, dict) for item in spec))
+              and not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS
+                       and next(iter(spec)) not in ("grid", "choice"))}
+    if len(finite) >= 2:
+        for combo in itertools.islice(itertools.product(*finite.values()), MAX_CHECKED_POINTS):
+            point = dict(zip(finite, combo))
+            try:
+                cls.check_params({**params, **point}, data)
+            except ParameterError as exc:
+                shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
+                raise ConfigError(f"{path}.search: {exc} (at the grid point {shown})") from None
 
 
 def validate_semantics(cfg: SweepConfig) -> None:

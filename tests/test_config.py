@@ -229,3 +229,26 @@ def test_cli_subprocess_exit_code_and_help(tmp_path):
     assert helped.returncode == 0
     for word in ("sweep", "validate", "ui", "report"):
         assert word in helped.stdout
+
+
+def test_every_grid_point_meets_the_cross_parameter_checks_before_any_work():
+    """A grid whose cross product holds a point a detector refuses (VRA's lower percentile above its upper one;
+    KNN's k above the bank of one alpha) is refused by the plan, naming the search and the point, not by a
+    failed trial after training; grids whose points all fit pass, and random domains are checked per value."""
+    from ood_core.detectors import KNN, VRA
+    from orchestrator.config import check_detector_values
+
+    data = {"D": 16, "C": 8, "N": 50000, "L": None}
+    with pytest.raises(ConfigError, match=r"^detectors\[3\]\.search: VRA: lower_percentile=96 must not exceed "
+                                          r"upper_percentile=90 \(at the grid point lower_percentile=96, "
+                                          r"upper_percentile=90\)$"):
+        check_detector_values("detectors[3]", VRA, {}, {"lower_percentile": {"grid": [40, 96]},
+                                                        "upper_percentile": {"grid": [90, 99]}}, data)
+    check_detector_values("detectors[3]", VRA, {}, {"lower_percentile": {"grid": [40, 60]},
+                                                    "upper_percentile": {"grid": [90, 99]}}, data)
+    with pytest.raises(ConfigError, match=r"^detectors\[0\]\.search: KNN: k=1000 must be <= the bank size .* "
+                                          r"\(at the grid point alpha=0.01, k=1000\)$"):
+        check_detector_values("detectors[0]", KNN, {}, {"alpha": {"grid": [0.01, 1.0]}, "k": {"grid": [50, 1000]}},
+                              data)
+    check_detector_values("detectors[0]", VRA, {}, {"lower_percentile": {"uniform": [40, 96]},
+                                                    "upper_percentile": {"grid": [97, 99]}}, data)
