@@ -516,6 +516,31 @@ def reachable_values(spec: Any) -> List[Any]:
     return [spec]
 
 
+def fitting_default_space(cls: type, params: Dict[str, Any], space: Dict[str, Any],
+                          data: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """A detector's default search space with the grid / choice values that its cross-parameter checks refuse
+    beside the fixed ``params`` left out (KNN's default ``k`` grid cut to the bank of a fixed ``alpha``, as the
+    data-relative bounds cut it to N). Where none is left, the space stays as it is, so that
+    :func:`check_detector_values` refuses it naming the bound."""
+    from ood_core.constraints import ParameterError
+
+    out = dict(space)
+    for name, spec in space.items():
+        if name in params or not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("grid", "choice")):
+            continue
+        kind, values = next(iter(spec.items()))
+        kept = []
+        for value in values:
+            try:
+                cls.check_params({**params, name: value}, data)
+                kept.append(value)
+            except ParameterError:
+                pass
+        if kept:
+            out[name] = {kind: kept}
+    return out
+
+
 #: grid points of one search checked against the cross-parameter constraints (the first ones, past this)
 MAX_CHECKED_POINTS = 100_000
 

@@ -224,7 +224,7 @@ def resolve_searches(cfg: SweepConfig, widths: Dict[str, int], num_classes: int,
     none), with every reachable value checked against the data-relative constraints: a value that cannot
     fit the data stops the sweep here, before any training (ConfigError naming the field and the bound)."""
     from ood_core.detectors.registry import get_spec
-    from orchestrator.config import check_detector_values
+    from orchestrator.config import check_detector_values, fitting_default_space
 
     out = {}
     for i, det in enumerate(cfg.detectors):
@@ -232,7 +232,10 @@ def resolve_searches(cfg: SweepConfig, widths: Dict[str, int], num_classes: int,
         if cls.representation == "feature_maps" and "feature_maps" not in widths:
             raise ConfigError(f"detectors[{i}].type: {cls.__name__} reads feature maps, but {arch} has no feature_maps()")
         data = detector_data(cls, det.params, widths, num_classes, n_train)
-        space = det.search if det.search is not None else cls.search_space(data)
+        if det.search is not None:
+            space = det.search
+        else:  # the default space, its grid values also cut to what the fixed parameters allow
+            space = fitting_default_space(cls, det.params, cls.search_space(data), data)
         space = {k: v for k, v in space.items() if k not in det.params}
         check_detector_values(f"detectors[{i}]", cls, det.params, space, data)
         out[det.label] = space

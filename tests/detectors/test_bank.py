@@ -346,3 +346,22 @@ def test_queries_whose_probed_cells_hold_fewer_than_k_rows_are_searched_exactly(
     assert short.numel() > 20
     torch.testing.assert_close(nng.predict_features(test)[short], today_nnguide(z, test, head, 60)[short])
     assert knn.recall_ < 1 and nng.recall_ < 1  # a missing result is a miss
+
+
+def test_the_default_k_grid_is_cut_to_the_bank_of_a_fixed_alpha():
+    """``params: {alpha: 0.01}`` without a search: OpenOOD's k grid loses the values above the bank
+    (ceil(0.01 * 50,000) = 500), as it loses those above N, and the plan accepts it; a bank below every value
+    keeps the grid, which the plan refuses naming the bound; a written grid is never cut."""
+    from orchestrator.config import fitting_default_space
+
+    data = {"D": 16, "C": 8, "N": 50000, "L": None}
+    space = fitting_default_space(KNN, {"alpha": 0.01}, KNN.search_space(data), data)
+    assert space == {"k": {"grid": [50, 100, 200, 500]}}
+    check_detector_values("detectors[0]", KNN, {"alpha": 0.01}, space, data)
+    assert fitting_default_space(KNN, {}, KNN.search_space(data), data) == KNN.search_space(data)
+    small = {"D": 16, "C": 8, "N": 650, "L": None}
+    space = fitting_default_space(NNGuide, {"alpha": 0.01}, NNGuide.search_space(small), small)
+    assert space == {"k": {"grid": [1]}}  # NNGuide's grid starts at 1: the bank of 7 keeps it
+    space = fitting_default_space(KNN, {"alpha": 0.01}, KNN.search_space(small), small)
+    with pytest.raises(ConfigError, match=r"k=50 must be <= the bank size ceil\(alpha\*N\) = ceil\(0.01\*650\) = 7"):
+        check_detector_values("detectors[0]", KNN, {"alpha": 0.01}, space, small)
