@@ -3,7 +3,7 @@
 Every place in ``ood-sweep`` that names storage accepts either a plain path (``~`` is expanded,
 relative paths are made absolute) or a URI that :meth:`pyarrow.fs.FileSystem.from_uri` understands.
 
-Writers use :func:`atomic_output`: the bytes go to ``<path>.tmp-<uuid>`` next to the target and are
+Writers use :func:`atomic_output`: the bytes go to ``<path>.tmp-<pid>@<host>-<uuid>`` next to the target and are
 moved into place only when the block finishes without an exception, so a reader never sees a partial
 file. On local file systems the move is an atomic ``rename``; on object stores (S3, GCS) pyarrow's
 ``move`` is a copy + delete, which still never exposes a partial object under the final key (object
@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -83,20 +84,48 @@ def remove(uri: PathLike, *, missing_ok: bool = True) -> None:
         fs.delete_file(path + HASH_SUFFIX)
 
 
-def remove_abandoned_outputs(uri: PathLike) -> int:
+def remove_abandoned_outputs(uri: PathLike, dead_writers_only: bool = False) -> int:
     """Delete ``<uri>.tmp-*``: the temporary outputs of :class:`AtomicOutput` writers to ``uri`` that died before
-    committing or aborting (a worker killed with its node leaves its partial file behind). Only for a ``uri`` no
-    live writer is writing to. Returns how many were deleted."""
+    committing or aborting (a worker killed with its node leaves its partial file behind). Without
+    ``dead_writers_only``, only for a ``uri`` no live writer is writing to; with it, only the outputs of writers
+    known to be dead: a process of this machine that no longer runs (the temporary name records the writer's
+    host and pid), so that a concurrent writer of the same key (another sweep) is never disturbed. Returns how
+    many were deleted."""
     fs, path = resolve(uri)
     prefix = posixpath.basename(path) + ".tmp-"
     try:
         infos = fs.get_file_info(pafs.FileSelector(posixpath.dirname(path)))
     except FileNotFoundError:
         return 0
-    dead = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix)]
+    dead = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix)
+            and (not dead_writers_only or _writer_is_dead(i.base_name[len(prefix):]))]
     for p in dead:
-        fs.delete_file(p)
+        try:
+            fs.delete_file(p)
+        except FileNotFoundError:  # removed by another cleaner meanwhile
+            pass
     return len(dead)
+
+
+def _writer_tag() -> str:
+    """``<pid>@<host>``: who writes a temporary output (see :func:`remove_abandoned_outputs`)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _writer_is_dead(suffix: str) -> bool:
+    """Whether the writer named in a temporary output's suffix ``<pid>@<host>-<uuid>`` is a process of this
+    machine that no longer runs (unknown writers, other machines: not known to be dead)."""
+    tag = suffix.rsplit("-", 1)[0]
+    pid, _, host = tag.partition("@")
+    if not pid.isdigit() or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def open_input(uri: PathLike) -> IO[bytes]:
@@ -160,7 +189,7 @@ class _HashingStream:
 class AtomicOutput:
     """A temp-then-move output stream; the explicit form of :func:`atomic_output`.
 
-    ``open()`` creates ``<path>.tmp-<uuid>`` (parent directories included) and returns the stream;
+    ``open()`` creates ``<path>.tmp-<pid>@<host>-<uuid>`` (parent directories included) and returns the stream;
     ``commit()`` closes it and moves it onto ``path``; ``abort()`` closes and deletes it. Both are
     idempotent, and ``abort()`` after ``commit()`` does nothing.
 
@@ -171,7 +200,7 @@ class AtomicOutput:
     def __init__(self, uri: PathLike, *, record_hash: bool = False):
         self.uri = os.fspath(uri)
         self.fs, self.path = resolve(uri, make_parents=True)
-        self.tmp_path = f"{self.path}.tmp-{uuid.uuid4().hex}"
+        self.tmp_path = f"{self.path}.tmp-{_writer_tag()}-{uuid.uuid4().hex}"
         self.stream = None
         self.record_hash = record_hash
         self.sha256: Optional[str] = None

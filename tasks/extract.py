@@ -24,6 +24,7 @@ def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_class
     from ood_core.data import load_dataset
     from ood_core.feature_store import check_feature_file
     from ood_core.hooks import LayerSpec, extract_features
+    from ood_core.storage import remove_abandoned_outputs
 
     specs = [LayerSpec(name=l["name"], module=l["module"], reduction=l["reduction"]) for l in layers]
     if shard is None:
@@ -55,6 +56,8 @@ def extract_dataset(backbone: Dict, feature: Dict, layers: List[Dict], num_class
                              writer_options={"record_hash": shard is None, "dtype": feature.get("dtype", "float32")},
                              index_start=start)
     bar.close()
+    if shard is None:  # a writer of this file killed with its node left its temporary output: remove it
+        remove_abandoned_outputs(uri, dead_writers_only=True)
     return {"uri": uri, "cached": False, **stats}
 
 

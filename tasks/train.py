@@ -105,5 +105,7 @@ def train_backbone(backbone: Dict, num_classes: int, fmt: Dict, id_data: Dict) -
     meta["history"] = [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in history]
     sha = save_checkpoint(backbone["checkpoint_uri"], model.cpu(), meta, record_hash=True)
     storage.remove(resume_uri)
+    for uri in (backbone["checkpoint_uri"], resume_uri):  # outputs of writers killed with their node
+        storage.remove_abandoned_outputs(uri, dead_writers_only=True)
     return {"key": backbone["key"], "sha256": sha, "history": history, "cached": False,
             "seconds": time.perf_counter() - start}

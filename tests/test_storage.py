@@ -70,3 +70,33 @@ def test_atomic_output_replaces_existing(tmp_path):
     with storage.atomic_output(f"file://{target}") as f:
         f.write(b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_outputs_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    """``remove_abandoned_outputs(uri, dead_writers_only=True)``: a temporary output names its writer
+    (``<pid>@<host>``); only a writer of this machine that no longer runs is known to be dead. A live writer's
+    output (a concurrent sweep writing the same key), another machine's and an unnamed one stay."""
+    import socket
+    import subprocess
+    import sys
+
+    from ood_core.storage import AtomicOutput, remove_abandoned_outputs
+
+    target = tmp_path / "ckpt.pt"
+    live = AtomicOutput(str(target))
+    live.open().write(b"in progress")
+    assert f".tmp-{os.getpid()}@{socket.gethostname()}-" in live.tmp_path
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    host = socket.gethostname()
+    names = {"dead": f"ckpt.pt.tmp-{dead_pid}@{host}-{'a' * 32}", "other host": f"ckpt.pt.tmp-{dead_pid}@elsewhere-{'b' * 32}",
+             "unnamed": f"ckpt.pt.tmp-{'c' * 32}", "other key": f"other.pt.tmp-{dead_pid}@{host}-{'d' * 32}"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    assert remove_abandoned_outputs(str(target), dead_writers_only=True) == 1
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["dead"] not in left
+    assert {names["other host"], names["unnamed"], names["other key"], os.path.basename(live.tmp_path)} <= left
+    live.commit()
+    assert target.read_bytes() == b"in progress"
+    assert remove_abandoned_outputs(str(target)) == 2  # without the flag: every output of this key
