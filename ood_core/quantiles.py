@@ -222,8 +222,8 @@ def column_order_statistics_of_stream(values: Callable[[], Iterable[Chunk]],
     base = 1 << (COLUMN_DIGIT_BITS - 1)
     mask = (1 << COLUMN_DIGIT_BITS) - 1
 
-    def blocks(chunk: Chunk):
-        """``(keys, counter offset of each column)`` of row blocks of the chunk."""
+    def blocks(chunk: Chunk, check: bool = False):
+        """``(keys, counter offset of each column)`` of row blocks of the chunk (``check``: refuse NaN, pass 1)."""
         x = _rows(chunk).detach()
         flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
         width = flat.shape[1]
@@ -231,7 +231,7 @@ def column_order_statistics_of_stream(values: Callable[[], Iterable[Chunk]],
         step = max(1, COLUMN_BLOCK // max(1, width))
         for s in range(0, flat.shape[0], step):
             block = flat[s : s + step]
-            if bool(torch.isnan(block).any()):
+            if check and bool(torch.isnan(block).any()):
                 raise ValueError("exact selection: NaN among the values")
             yield _keys(block), offsets
 
@@ -247,7 +247,7 @@ def column_order_statistics_of_stream(values: Callable[[], Iterable[Chunk]],
                              f"{shape}")
         n += x.shape[0]
         bits = x.element_size() * 8
-        for keys, offsets in blocks(chunk):
+        for keys, offsets in blocks(chunk, check=True):
             top = (keys >> (bits - COLUMN_DIGIT_BITS)).to(torch.int32) + base  # 0 .. 255
             hist += torch.bincount((offsets + top).reshape(-1), minlength=hist.numel())
     if n == 0:
